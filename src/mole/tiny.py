@@ -1,0 +1,259 @@
+"""The embedded default: a tiny Stable Diffusion 1.x model built from configs, offline.
+
+Every part has the SD1.5 architecture (a cross-attention UNet whose transformer blocks use 1×1 conv
+``proj_in``/``proj_out``, an 8× down-sampling VAE, a CLIP text encoder with a real byte-level BPE
+tokenizer, the SD1.5 noise schedule) at a size that runs a 64×64 image in a fraction of a second on a
+laptop CPU. Nothing is downloaded: the weights come from a seeded random init and the tokenizer's
+vocabulary is written by this module. The result is a standard diffusers folder, so the rest of the
+system (and plain ``diffusers.StableDiffusionPipeline.from_pretrained``) treats it like SD1.5.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: Native resolution of the tiny model (pixels). Latents are 8× smaller, as in SD1.5.
+TINY_RESOLUTION = 64
+
+# Words that get their own BPE token, so that captions of the synthetic data tokenize like real text
+# (one token per word) rather than one token per character. Anything else still tokenizes, one
+# byte-level symbol at a time, exactly as CLIP's tokenizer does for rare words.
+_WORDS = """
+a an the of and with in on at to from by for is are his her their its this that one two three four five
+photo picture image portrait close-up closeup up close view shot detailed high quality realistic drawing
+person people man men woman women child children kid kids girl girls boy boys lady gentleman teenager
+baby adult old young face faces head hair eyes eye nose mouth lips ear ears smile smiling neutral
+surprised sad happy glasses beard mustache bald short long curly straight hand hands finger fingers
+thumb palm fist pointing peace sign thumbs open closed wave waving holding making gesture raised foot
+feet toes shoe shoes sock socks bare barefoot leg legs arm arms body standing sitting walking running
+lying dancing together next each other group crowd couple shirt dress jacket coat pants skirt hat
+wearing clothes sleeve suit red green blue yellow orange purple pink brown black white gray grey dark
+light skin tone pale tan park street beach room city forest field garden house building tree trees sky
+sun cloud clouds grass sand floor wall road water background plain simple indoor outdoor scene flower
+pen cup ball phone book bag umbrella
+""".split()
+
+_SPECIAL_BOS = "<|startoftext|>"
+_SPECIAL_EOS = "<|endoftext|>"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP/GPT-2's reversible map from bytes to printable unicode characters."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
+
+
+def build_vocab(words: list[str] | None = None) -> tuple[dict[str, int], list[str]]:
+    """Train a CLIP-style byte-level BPE vocabulary on a word list.
+
+    The layout matches OpenAI CLIP's: the 256 byte symbols, the same with the end-of-word marker
+    ``</w>``, one token per merge, then the two special tokens. The merges are learned by plain BPE
+    (most frequent pair first, ties broken alphabetically), which guarantees that applying them in rank
+    order turns each training word into a single token.
+
+    Returns:
+        ``(vocab, merges)``: token → id, and merge rules as ``"left right"`` strings in rank order.
+    """
+    symbols = list(_bytes_to_unicode().values())
+    vocab_list = symbols + [s + "</w>" for s in symbols]
+    known = set(vocab_list)
+    segmented = [[*list(w[:-1]), w[-1] + "</w>"] for w in dict.fromkeys(words if words is not None else _WORDS)]
+    merges: list[str] = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for parts in segmented:
+            for pair in itertools.pairwise(parts):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            break
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merged = best[0] + best[1]
+        merges.append(f"{best[0]} {best[1]}")
+        if merged not in known:
+            known.add(merged)
+            vocab_list.append(merged)
+        for k, parts in enumerate(segmented):
+            out, i = [], 0
+            while i < len(parts):
+                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+                    out.append(merged)
+                    i += 2
+                else:
+                    out.append(parts[i])
+                    i += 1
+            segmented[k] = out
+    vocab_list += [_SPECIAL_BOS, _SPECIAL_EOS]
+    return {tok: i for i, tok in enumerate(vocab_list)}, merges
+
+
+def write_tokenizer(folder: str | os.PathLike[str]) -> Path:
+    """Write a loadable ``CLIPTokenizer`` folder (vocab.json, merges.txt, tokenizer_config.json).
+
+    ``CLIPTokenizer(vocab_file=..., merges_file=...)`` silently ignores its files in transformers 5, so the
+    tokenizer is always built through ``from_pretrained`` on a folder like this one.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = build_vocab()
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    config = {
+        "model_max_length": 77,
+        "bos_token": _SPECIAL_BOS,
+        "eos_token": _SPECIAL_EOS,
+        "unk_token": _SPECIAL_EOS,
+        "pad_token": _SPECIAL_EOS,
+        "do_lower_case": True,
+        "tokenizer_class": "CLIPTokenizer",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return folder
+
+
+def build_tiny_pipeline(seed: int = 0):  # -> diffusers.StableDiffusionPipeline
+    """Build the tiny SD1.x pipeline in memory, deterministically from ``seed``.
+
+    Returns:
+        A ``diffusers.StableDiffusionPipeline`` in float32 on CPU, without a safety checker.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer(tmp))
+    vocab_size = len(tokenizer)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        # SD1.5's UNet shape in miniature: cross-attention down/up blocks, a cross-attention mid block,
+        # conv proj_in/proj_out (use_linear_projection=False), 8-dim heads.
+        unet = UNet2DConditionModel(
+            sample_size=TINY_RESOLUTION // 8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=32,
+            use_linear_projection=False,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(16, 32, 32, 32),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=8,
+            sample_size=TINY_RESOLUTION,
+            scaling_factor=0.18215,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=vocab_size,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                projection_dim=32,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+    # The SD1.5 noise schedule and sampler settings.
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    for module in (unet, vae, text_encoder):
+        module.eval()
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def init_tiny_model(output: str | os.PathLike[str], seed: int = 0, overwrite: bool = False) -> Path:
+    """Write the tiny pipeline as a standard diffusers folder.
+
+    Args:
+        output: Folder to create. It must not already hold a model unless ``overwrite`` is set.
+        seed: Seed of the random initialisation; the same seed gives bit-identical weights.
+        overwrite: Replace an existing model folder.
+
+    Returns:
+        The folder path.
+    """
+    output = Path(output)
+    if (output / "model_index.json").exists() and not overwrite:
+        raise FileExistsError(f"{output} already holds a model (model_index.json); pass overwrite to replace it")
+    pipe = build_tiny_pipeline(seed=seed)
+    pipe.save_pretrained(output, safe_serialization=True)
+    logger.info("wrote tiny Stable Diffusion model to %s", output)
+    return output
+
+
+def init_tiny_clip(output: str | os.PathLike[str], seed: int = 5, overwrite: bool = False) -> Path:
+    """Write a tiny, randomly initialised ``transformers`` CLIP model (text + vision towers, processor) for the
+    CLIP-score scorer on the embedded default (``mole evaluate run --scorers clip``).
+
+    The scores it gives are meaningless; the evaluation code path that reads them is the real one. CLIP score
+    is ``100 × max(cos, 0)`` and a random CLIP's image and text features each lie near one direction, so about
+    half of all seeds score every pair 0; the default seed is one whose cosines are positive and vary.
+    """
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    output = Path(output)
+    if (output / "config.json").exists() and not overwrite:
+        raise FileExistsError(f"{output} already holds a model (config.json); pass overwrite to replace it")
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer(tmp))
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
+    text = {"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "max_position_embeddings": 77, "projection_dim": 32, **ids}  # fmt: skip
+    vision = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "image_size": 32, "patch_size": 8, "projection_dim": 32}  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)).eval()
+    model.save_pretrained(output, safe_serialization=True)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(output)
+    logger.info("wrote tiny CLIP scorer model to %s", output)
+    return output

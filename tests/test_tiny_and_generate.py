@@ -1,0 +1,117 @@
+"""The embedded default model and `mole generate`, through the real CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from mole.cli import app
+from mole.inject import apply_mole, save_gates
+
+runner = CliRunner()
+
+
+def _invoke(*args: str):
+    result = runner.invoke(app, list(args))
+    return result
+
+
+def test_tiny_init_loads_in_plain_diffusers(tmp_path: Path) -> None:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    result = _invoke("tiny", "init", "--output", str(tmp_path / "m"))
+    assert result.exit_code == 0, result.output
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "m")
+    assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.vae_scale_factor == 8
+    ids = pipe.tokenizer("a close-up photo of a smiling woman").input_ids
+    assert ids[0] == pipe.tokenizer.bos_token_id and ids[-1] == pipe.tokenizer.eos_token_id
+    # Real BPE merges: one token per known word, as CLIP's tokenizer does for common words.
+    tokens = pipe.tokenizer.convert_ids_to_tokens(ids[1:-1])
+    assert tokens == [
+        "a</w>",
+        "close</w>",
+        "-</w>",
+        "up</w>",
+        "photo</w>",
+        "of</w>",
+        "a</w>",
+        "smiling</w>",
+        "woman</w>",
+    ]
+    assert pipe.tokenizer.model_max_length == 77
+    # Refuses to overwrite silently; the same seed gives the same weights.
+    assert _invoke("tiny", "init", "--output", str(tmp_path / "m")).exit_code == 2
+    _invoke("tiny", "init", "--output", str(tmp_path / "m2"))
+    a = (tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert a == (tmp_path / "m2" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("width,height", [(64, 64), (96, 48)])
+def test_generate_writes_png_of_asked_size(tiny_model_dir: Path, tmp_path: Path, width: int, height: int) -> None:
+    out = tmp_path / "img.png"
+    result = _invoke(
+        "generate", "--model", str(tiny_model_dir), "--prompt", "a woman waving", "--output", str(out),
+        "--steps", "3", "--width", str(width), "--height", str(height), "--seed", "4",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size == (width, height)
+        first = np.asarray(image)
+    _invoke(
+        "generate", "--model", str(tiny_model_dir), "--prompt", "a woman waving", "--output", str(out),
+        "--steps", "3", "--width", str(width), "--height", str(height), "--seed", "4",
+    )  # fmt: skip
+    assert np.array_equal(np.asarray(Image.open(out)), first)  # same seed, same image
+
+
+def test_generate_rejects_bad_sizes_with_a_message(tiny_model_dir: Path, tmp_path: Path) -> None:
+    result = _invoke(
+        "generate", "--model", str(tiny_model_dir), "--prompt", "a man", "--output", str(tmp_path / "x.png"),
+        "--width", "60",
+    )  # fmt: skip
+    assert result.exit_code == 2 and "multiple of 8" in result.output
+    result = _invoke("generate", "--model", str(tmp_path), "--prompt", "a", "--output", str(tmp_path / "x.png"))
+    assert result.exit_code == 2 and "model_index.json" in result.output
+    result = _invoke(
+        "generate", "--model", str(tiny_model_dir), "--prompt", "a", "--output", str(tmp_path / "x.png"),
+        "--experts", "face",
+    )  # fmt: skip
+    assert result.exit_code == 2 and "NAME=VALUE" in result.output
+
+
+def test_generate_with_experts_and_with_gates(tiny_model_dir: Path, write_expert, tmp_path: Path) -> None:
+    from diffusers import UNet2DConditionModel
+
+    face, hand = write_expert("face"), write_expert("hand", seed=2)
+    common = ["--model", str(tiny_model_dir), "--prompt", "a man", "--steps", "2", "--seed", "1"]
+    _invoke("generate", *common, "--output", str(tmp_path / "base.png"))
+    result = _invoke(
+        "generate", *common, "--output", str(tmp_path / "experts.png"),
+        "--experts", f"face={face}", "--experts", f"hand={hand}", "--expert-scale", "face=0.5",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+
+    unet = apply_mole(
+        UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet"), {"face": face, "hand": hand}
+    )
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if ".mole_" in name:
+                p.normal_(0, 0.5)
+    gates = save_gates(unet, tmp_path / "gates.safetensors")
+    result = _invoke(
+        "generate", *common, "--output", str(tmp_path / "mole.png"), "--experts", f"face={face}",
+        "--experts", f"hand={hand}", "--gates", str(gates), "--gate-trace", str(tmp_path / "trace.json"),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    images = {k: np.asarray(Image.open(tmp_path / f"{k}.png"), dtype=np.int16) for k in ("base", "experts", "mole")}
+    assert np.abs(images["base"] - images["experts"]).max() > 0
+    assert np.abs(images["experts"] - images["mole"]).max() > 0
+    trace = json.loads((tmp_path / "trace.json").read_text())
+    assert trace["experts"] == ["face", "hand"] and len(trace["local"]) == 2  # one entry per denoising step
