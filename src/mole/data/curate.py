@@ -1,0 +1,445 @@
+"""`mole curate`: raw images → filtered, cropped, captioned, de-duplicated mole-shards datasets (paper §2).
+
+Every input file is accounted for in ``manifest.jsonl`` (one record per input: ``kept`` or ``rejected`` with
+the reason, its sha256, every filter score, the samples it produced, its license/provenance), and
+``stats.json`` counts inputs per status and reason: kept + rejected = inputs, always.
+
+Work is split into chunks of ``inputs_per_shard`` inputs, each written as one shard plus its manifest part
+under ``chunks/NNNNNN/``; a rerun skips chunks that are complete, so an interrupted curation resumes. The
+per-input work (decode, filters, crops, hashes, captions) runs in worker processes; de-duplication runs in
+input order in the main process, so the result does not depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mole.data.crops import Deduplicator, crop_resize, phash, sliding_windows
+from mole.data.ingest import (
+    MAX_PIXELS,
+    Rejected,
+    Table,
+    list_images,
+    load_image,
+    read_table,
+    sha256_file,
+    sidecar_caption,
+)
+from mole.data.shards import INDEX_FILE, DatasetIndex, ShardInfo, ShardWriter, compute_digest, read_index
+
+logger = logging.getLogger(__name__)
+
+Kind = Literal["scenes", "faces", "hands"]
+
+
+class CurateConfig(BaseModel):
+    """Curation settings (``configs/curate.yaml`` shows them all); every threshold is here, every score is
+    written to the manifest."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    size: int = Field(512, ge=16)
+    """Side of the output images (the paper: 512)."""
+    window: int = Field(1024, ge=16)
+    """Scenes: sliding-window side in source pixels (the paper: 1024)."""
+    stride: int | None = Field(None, ge=1)
+    """Scenes: window step; default the window (tiles, the last one aligned with the edge)."""
+    min_side: int = Field(256, ge=16)
+    """Inputs whose short side is below this are rejected as too small."""
+    max_pixels: int = Field(MAX_PIXELS, ge=1)
+    """Inputs above this many pixels are refused as decompression bombs."""
+    margin: float = Field(0.4, ge=0)
+    """Faces/hands: margin around the detected box, as a fraction of its side, on each side."""
+    filters: dict[str, dict[str, Any]] | None = None
+    """Filter name → options, applied to every output crop; default per kind (scenes: blur + person,
+    faces/hands: blur)."""
+    hand_model: str | None = None
+    """Hands: a local YOLO-style ONNX hand detector; without one, inputs are taken as close-ups and
+    center-cropped (11k Hands style)."""
+    require_detection: bool = True
+    """Faces: reject inputs where no face is found (else center-crop them as already-aligned close-ups)."""
+    dedup_distance: int | None = Field(4, ge=0, lt=32)
+    """Perceptual-hash Hamming distance at or below which an input is a duplicate; null disables."""
+    default_caption: str | None = None
+    """Caption for inputs with no sidecar caption and no captioner; null rejects them ("no caption")."""
+    captioner: str | None = None
+    """A local transformers image-to-text model (BLIP, LLaVA...) for inputs without a sidecar caption."""
+    captioner_prompt: str | None = None
+    """Prompt for chat-style captioners (the paper: "Describe this image in one sentence with details.")."""
+    tokenizer: str | None = None
+    """A CLIP tokenizer folder for exact 77-token truncation (default: mole's conservative BPE)."""
+    clip_model: str | None = None
+    """A local CLIP model for the CLIP-score filter; null disables it."""
+    min_clip_score: float = 20.0
+    """Crops whose CLIP score is below this are dropped (with clip_model)."""
+    inputs_per_shard: int = Field(256, ge=1)
+    """Inputs per chunk: one shard and one manifest part each; the unit of resumption."""
+    image_format: Literal["png", "jpg", "webp"] = "png"
+    """Encoding of the output images."""
+
+
+DEFAULT_FILTERS: dict[str, dict[str, dict[str, Any]]] = {
+    "scenes": {"blur": {}, "person": {}},
+    "faces": {"blur": {}},
+    "hands": {"blur": {}},
+}
+
+
+@dataclass
+class InputResult:
+    """What one input produced: its manifest record and the samples (image, caption, meta, key)."""
+
+    record: dict[str, Any]
+    samples: list[tuple[Any, str, dict[str, Any], str]] = field(default_factory=list)
+    hash: int | None = None
+
+
+class _Worker:
+    """Per-process state: filters, detectors and models are built once per worker, not per image."""
+
+    def __init__(self, kind: Kind, cfg: CurateConfig, root: str, attributes: Table, sources: Table) -> None:
+        from mole.data.captions import CaptionTruncator, clean_caption
+        from mole.data.filters import build_filters
+
+        self.kind, self.cfg, self.root = kind, cfg, Path(root)
+        self.attributes, self.sources = attributes, sources
+        self.filters = build_filters(cfg.filters if cfg.filters is not None else DEFAULT_FILTERS[kind])
+        self.truncate = CaptionTruncator(cfg.tokenizer)
+        self.clean = clean_caption
+        self.face = self.hand = self.captioner = self.clip = None
+        if kind == "faces":
+            from mole.data.filters import FaceDetector
+
+            self.face = FaceDetector()
+        if kind == "hands" and cfg.hand_model:
+            from mole.data.filters import HandDetector
+
+            self.hand = HandDetector(cfg.hand_model)
+        if cfg.captioner:
+            from mole.data.captions import Captioner
+
+            self.captioner = Captioner(cfg.captioner, cfg.captioner_prompt)
+        if cfg.clip_model:
+            from mole.data.captions import ClipScorer
+
+            self.clip = ClipScorer(cfg.clip_model)
+
+    def crops(self, image, record: dict[str, Any]) -> list[tuple[Any, dict[str, Any]]]:
+        """Output-size crops of one input, each with its geometry."""
+        from mole.data.filters import square_crop_around
+
+        size = self.cfg.size
+        if self.kind == "scenes":
+            boxes = sliding_windows(image.width, image.height, self.cfg.window, self.cfg.stride)
+            return [(crop_resize(image, b, size), {"box": list(b)}) for b in boxes]
+        detector = self.face if self.kind == "faces" else self.hand
+        if detector is not None:
+            found = detector.detect(image)
+            record["detections"] = len(found)
+            if found:
+                best = max(found, key=lambda b: (b.x1 - b.x0) * (b.y1 - b.y0))
+                crop = square_crop_around(image, best, margin=self.cfg.margin, size=size)
+                return [(crop, {"box": [best.x0, best.y0, best.x1, best.y1]})]
+            if self.kind == "faces" and self.cfg.require_detection:
+                raise Rejected("no face detected")
+            if self.kind == "hands":
+                raise Rejected("no hand detected")
+        side = min(image.size)  # an aligned close-up: the centred square
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        box = (left, top, left + side, top + side)
+        return [(crop_resize(image, box, size), {"box": list(box), "center_crop": True})]
+
+    def caption(self, path: Path, image) -> tuple[str | None, str]:
+        text = sidecar_caption(path)
+        if text is not None:
+            return text, "sidecar"
+        if self.captioner is not None:
+            return self.captioner(image), "captioner"
+        return self.cfg.default_caption, "default"
+
+    def __call__(self, task: tuple[int, str]) -> InputResult:
+        index, source = task
+        path = self.root / source
+        record: dict[str, Any] = {"source": source, "status": "rejected", "reason": None, "samples": 0}
+        record.update(self.sources.lookup(path, self.root) or {})
+        record.setdefault("license", None)
+        try:
+            record["sha256"] = sha256_file(path)
+            image = load_image(path, max_pixels=self.cfg.max_pixels, min_side=self.cfg.min_side)
+            record["width"], record["height"] = image.size
+            h = phash(image)
+            record["phash"] = f"{h:016x}"
+            text, origin = self.caption(path, image)
+            if text is None:
+                raise Rejected("no caption (no sidecar, no captioner, no default_caption)")
+            cleaned = self.clean(text)
+            if not cleaned:
+                raise Rejected("empty caption after cleanup")
+            caption, truncated = self.truncate(cleaned)
+            record.update(caption=caption, caption_source=origin, caption_truncated=truncated)
+            attrs = self.attributes.lookup(path, self.root)
+            result = InputResult(record, hash=h)
+            crop_reasons: Counter[str] = Counter()
+            scores_per_crop = []
+            candidates = self.crops(image, record)
+            clip_scores = self.clip([c for c, _ in candidates], [caption] * len(candidates)) if self.clip else None
+            for k, (crop, geometry) in enumerate(candidates):
+                from mole.data.filters import run_filters
+
+                passed, scores, reason = run_filters(self.filters, crop)
+                if clip_scores is not None:
+                    scores["clip"] = clip_scores[k]
+                    if passed and clip_scores[k] < self.cfg.min_clip_score:
+                        passed, reason = False, f"clip score {clip_scores[k]:.1f} < {self.cfg.min_clip_score}"
+                scores_per_crop.append(scores)
+                if not passed:
+                    crop_reasons[(reason or "filtered").split(" (")[0]] += 1
+                    continue
+                key = f"{index:08d}_{k:03d}"
+                meta = {"source": source, "crop": k, **geometry, "scores": scores, "attributes": attrs,
+                        "license": record["license"]}  # fmt: skip
+                result.samples.append((crop, caption, meta, key))
+            record["scores"] = scores_per_crop
+            record["crops"] = len(candidates)
+            record["crops_rejected"] = dict(crop_reasons)
+            record["samples"] = len(result.samples)
+            if not result.samples:
+                top = crop_reasons.most_common(1)[0][0] if crop_reasons else "no crop"
+                raise Rejected(f"every crop filtered ({top})" if len(candidates) > 1 else top)
+            record["status"], record["reason"] = "kept", None
+            return result
+        except Rejected as rej:
+            record["reason"], record["samples"] = rej.reason, 0
+            return InputResult(record)
+        except Exception as err:
+            logger.exception("%s: unexpected error", source)
+            record["reason"] = f"error: {type(err).__name__}: {err}"
+            return InputResult(record)
+
+
+_WORKER: _Worker | None = None
+
+
+def _init_worker(*args: Any) -> None:
+    global _WORKER
+    import torch
+
+    torch.set_num_threads(1)  # one core per worker process
+    _WORKER = _Worker(*args)
+
+
+def _run(task: tuple[int, str]) -> InputResult:
+    assert _WORKER is not None
+    return _WORKER(task)
+
+
+def _chunk_dir(output: Path, chunk: int) -> Path:
+    return output / "chunks" / f"{chunk:06d}"
+
+
+def _chunk_done(output: Path, chunk: int) -> bool:
+    return (_chunk_dir(output, chunk) / "manifest.jsonl").is_file()
+
+
+def _results(kind: Kind, cfg: CurateConfig, root: Path, tasks: list[tuple[int, str]], workers: int, init: tuple):
+    if workers <= 1:
+        worker = _Worker(*init)
+        yield from (worker(t) for t in tasks)
+        return
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # no fork after torch and OpenCV threads exist
+    with ctx.Pool(workers, initializer=_init_worker, initargs=init) as pool:
+        yield from pool.imap(_run, tasks, chunksize=4)
+
+
+def curate(
+    kind: Kind,
+    input_dir: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    cfg: CurateConfig | None = None,
+    *,
+    workers: int | None = None,
+    attributes: str | os.PathLike[str] | None = None,
+    sources: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Curate a local folder of images into a dataset at ``output``; returns the stats.
+
+    Args:
+        kind: ``scenes`` (sliding-window crops), ``faces`` or ``hands`` (close-up crops).
+        attributes: Table keyed by file name whose columns go into each sample's metadata.
+        sources: Table keyed by file name with license/provenance columns for the manifest.
+        overwrite: Start over instead of resuming an interrupted curation in ``output``.
+        meta: Extra entries for the dataset index's ``meta`` (the tracking run id, for lineage).
+    """
+    from tqdm.auto import tqdm
+
+    cfg = cfg or CurateConfig()
+    root, out = Path(input_dir), Path(output)
+    if overwrite and out.exists():
+        for name in (INDEX_FILE, "manifest.jsonl", "stats.json"):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "chunks", ignore_errors=True)
+    elif (out / INDEX_FILE).exists():
+        raise FileExistsError(f"{out} already holds a curated dataset; pass overwrite to redo it")
+    inputs = [p.relative_to(root).as_posix() for p in list_images(root)]
+    if not inputs:
+        raise ValueError(f"no images in {root} (looked for {', '.join(sorted({'.jpg', '.png', '.webp'}))}...)")
+    attr_table, source_table = read_table(attributes), read_table(sources)
+    workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
+    per = cfg.inputs_per_shard
+    chunks = [(c, list(enumerate(inputs))[c * per : (c + 1) * per]) for c in range((len(inputs) + per - 1) // per)]
+    dedup = Deduplicator(cfg.dedup_distance) if cfg.dedup_distance is not None else None
+    todo = [(c, tasks) for c, tasks in chunks if not _chunk_done(out, c)]
+    logger.info("%s: %d inputs in %d chunks, %d to do, %d workers", root, len(inputs), len(chunks), len(todo), workers)
+
+    init = (kind, cfg, str(root), attr_table, source_table)
+    bar = tqdm(total=len(inputs), disable=not progress, desc=f"curate {kind}", unit="img")
+    done_chunks = {c for c, _ in chunks} - {c for c, _ in todo}
+    for c, _ in chunks:  # seed the de-duplication with finished chunks, in input order
+        if c in done_chunks and dedup is not None:
+            for rec in _read_manifest(_chunk_dir(out, c)):
+                if rec["status"] == "kept" and rec.get("phash"):
+                    dedup.check(int(rec["phash"], 16), rec["source"])
+    bar.update(sum(len(t) for c, t in chunks if c in done_chunks))
+    flat = [t for _, tasks in todo for t in tasks]
+    results = _results(kind, cfg, root, flat, workers, init)
+    for c, tasks in todo:
+        _write_chunk(out, c, kind, cfg, (next(results) for _ in tasks), dedup, bar)
+    bar.close()
+    return _finish(out, kind, cfg, [c for c, _ in chunks], len(inputs), meta or {})
+
+
+def _read_manifest(folder: Path) -> Iterator[dict[str, Any]]:
+    with (folder / "manifest.jsonl").open(encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)
+
+
+def _write_chunk(out: Path, chunk: int, kind: Kind, cfg: CurateConfig, results, dedup, bar) -> None:
+    folder = _chunk_dir(out, chunk)
+    shutil.rmtree(folder, ignore_errors=True)  # an unfinished chunk from an interrupted run
+    records = []
+    with ShardWriter(folder, name=f"chunk-{chunk}", kind=kind, samples_per_shard=10**9,
+                     image_format=cfg.image_format, created_by="mole curate") as writer:  # fmt: skip
+        for result in results:
+            rec = result.record
+            if rec["status"] == "kept" and dedup is not None and result.hash is not None:
+                original = dedup.check(result.hash, rec["source"])
+                if original is not None:
+                    rec.update(status="rejected", reason=f"duplicate of {original}", samples=0)
+            if rec["status"] == "kept":
+                for image, caption, meta, key in result.samples:
+                    writer.write(image, caption, meta, key=key)
+            records.append(rec)
+            bar.update(1)
+    tmp = folder / "manifest.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    os.replace(tmp, folder / "manifest.jsonl")  # last: marks the chunk complete
+
+
+def _finish(
+    out: Path, kind: Kind, cfg: CurateConfig, chunk_ids: list[int], n_inputs: int, extra: dict[str, Any]
+) -> dict[str, Any]:
+    shards: list[ShardInfo] = []
+    reasons: Counter[str] = Counter()
+    status: Counter[str] = Counter()
+    samples = 0
+    crop_reasons: Counter[str] = Counter()
+    with (out / "manifest.jsonl.tmp").open("w", encoding="utf-8") as manifest:
+        for c in chunk_ids:
+            folder = _chunk_dir(out, c)
+            for rec in _read_manifest(folder):
+                manifest.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                status[rec["status"]] += 1
+                if rec["status"] == "rejected":
+                    reasons[_reason_key(rec["reason"])] += 1
+                samples += rec["samples"]
+                crop_reasons.update(rec.get("crops_rejected") or {})
+            index = read_index_lenient(folder)
+            for shard in index.shards if index else []:
+                shards.append(ShardInfo(f"chunks/{c:06d}/{shard.path}", shard.num_samples, shard.sha256))
+    os.replace(out / "manifest.jsonl.tmp", out / "manifest.jsonl")
+    assert status["kept"] + status["rejected"] == n_inputs, "an input is missing from the manifest"
+    stats = {
+        "inputs": n_inputs,
+        "kept": status["kept"],
+        "rejected": status["rejected"],
+        "samples": samples,
+        "rejected_by_reason": dict(sorted(reasons.items())),
+        "crops_rejected_by_reason": dict(sorted(crop_reasons.items())),
+        "config": cfg.model_dump(),
+    }
+    (out / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    stats["digest"] = compute_digest([s.sha256 for s in shards])
+    index = DatasetIndex(
+        name=f"curated-{kind}", kind=kind, num_samples=samples, shards=shards,
+        digest=compute_digest([s.sha256 for s in shards]), created_by="mole curate",
+        meta={"inputs": n_inputs, "kept": status["kept"], "rejected": status["rejected"], **extra},
+    )  # fmt: skip
+    from dataclasses import asdict
+
+    tmp = out / (INDEX_FILE + ".tmp")
+    tmp.write_text(json.dumps(asdict(index), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, out / INDEX_FILE)  # last: the dataset is complete
+    logger.info("curated %s: %d inputs, %d kept, %d rejected, %d samples", out, n_inputs, status["kept"],
+                status["rejected"], samples)  # fmt: skip
+    return stats
+
+
+def _reason_key(reason: str | None) -> str:
+    """Group reasons for the stats: drop the per-input details in parentheses and after "of"."""
+    text = (reason or "unknown").split(" (")[0]
+    return "duplicate" if text.startswith("duplicate of") else text
+
+
+def read_index_lenient(folder: Path) -> DatasetIndex | None:
+    """A chunk's index, or None for a chunk that kept nothing (an empty index is valid for a chunk)."""
+    if not (folder / INDEX_FILE).is_file():
+        return None
+    raw = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))
+    if not raw.get("shards"):
+        return None
+    return read_index(folder)
+
+
+def curate_tracked(
+    kind: Kind, input_uri: str, output: str, local_input: str | os.PathLike[str], cfg: CurateConfig, **kw: Any
+) -> dict[str, Any]:
+    """:func:`curate` into ``output`` (staged and uploaded when it is ``s3://``) inside a ``curate:<kind>`` MLflow
+    run whose id goes into the dataset's index, so that training runs find it (lineage)."""
+    from mole import tracking
+    from mole.storage import staged_output
+
+    run = tracking.StageRun(f"curate:{kind}") if tracking.enabled() else None
+    try:
+        with staged_output(output) as out:
+            meta = {"mlflow_run_id": run.run_id} if run else {}
+            stats = curate(kind, local_input, out, cfg, meta=meta, **kw)
+            if run is not None:
+                run.log_params({"kind": kind, "input": input_uri, "output": output, "config": cfg.model_dump()})
+                run.log_metrics({k: float(stats[k]) for k in ("inputs", "kept", "rejected", "samples")}, step=0)
+                run.log_metrics({f"rejected.{k}": float(v) for k, v in stats["rejected_by_reason"].items()}, step=0)
+                run.log_artifact(out / "manifest.jsonl", "curation")
+                run.log_artifact(out / "stats.json", "curation")
+                run.set_tag("mole.dataset.output", stats["digest"])
+    except BaseException:
+        if run is not None:
+            run.close("FAILED")
+        raise
+    if run is not None:
+        run.close()
+    return stats
