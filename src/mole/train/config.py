@@ -1,0 +1,239 @@
+"""Typed training configuration: one YAML file describes the base model and all three stages.
+
+```yaml
+model: {base: ..., resolution: 512}
+stage1: {...}                # full fine-tune
+experts: {face: {...}, hand: {...}}   # one LoRA expert each, trained separately
+gates: {...}                 # the mixture
+```
+
+Every model rejects unknown keys, and errors name the field (``stage1.optimizer.lr``), so a typo in a
+config fails before any training starts instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+StageName = Literal["stage1", "expert", "gates"]
+
+
+class ConfigError(ValueError):
+    """A config file is missing, malformed, or has invalid values; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    base: str = "runwayml/stable-diffusion-v1-5"
+    """The model to start from: a local diffusers folder (or a hub id, downloaded by diffusers on a machine
+    that may reach the hub). Stage 1 fine-tunes it; experts and gates build on stage 1's output."""
+    resolution: int = Field(512, ge=8, multiple_of=8)
+    """Training image side in pixels (multiple of 8: the VAE downsamples 8×)."""
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    """What the UNet predicts; default: the base model scheduler's setting."""
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["adamw", "lion"] = "adamw"
+    """``lion`` (lion-pytorch, the paper's stage 1) or ``adamw`` (stages 2 and 3)."""
+    lr: float = Field(1e-5, gt=0)
+    """Peak learning rate."""
+    weight_decay: float = Field(1e-2, ge=0)
+    """Decoupled weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam/Lion betas (Lion's authors suggest (0.9, 0.99))."""
+    eps: float = Field(1e-8, gt=0)
+    """AdamW epsilon."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Gradient clipping by global norm; null disables it."""
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> OptimizerConfig:
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1), got {self.betas}")
+        return self
+
+
+class TrainConfig(_Strict):
+    """Settings shared by every stage: the one loop reads only these."""
+
+    data: str | None = None
+    """Dataset folder or s3:// URI in the mole-shards format (docs/data-format.md)."""
+    output: str | None = None
+    """Where the stage writes its result and checkpoints (overridden by ``--output``)."""
+    max_steps: int = Field(1000, ge=1)
+    """Optimizer steps to train for."""
+    batch_size: int = Field(1, ge=1)
+    """Samples per device per micro-step; the effective batch is batch_size × grad_accum × processes."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-steps per optimizer step."""
+    optimizer: OptimizerConfig = OptimizerConfig()
+    """The optimizer."""
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    """Learning-rate schedule (the paper uses constant)."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up steps for schedules that have one."""
+    min_snr_gamma: float | None = Field(5.0, gt=0)
+    """Min-SNR-γ loss weighting (Hang et al. 2023); null for the plain MSE."""
+    noise_offset: float = Field(0.0, ge=0)
+    """Offset noise strength (0 disables): helps very dark and very bright images."""
+    caption_dropout: float = Field(0.1, ge=0, le=1)
+    """Probability of training on the empty caption, for classifier-free guidance."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Autocast precision on GPU; CPU runs ignore fp16."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    """Keep an exponential moving average of the trained weights with this decay (saved as the result)."""
+    cache_latents: bool = False
+    """Encode every image with the VAE once, before training (needs no random flip to stay exact)."""
+    cache_text: bool = False
+    """Encode every caption once (only when the text encoder is frozen)."""
+    random_flip: bool = True
+    """Horizontal flip augmentation."""
+    center_crop: bool = True
+    """Center-crop to a square after resizing (else random crop)."""
+    checkpoint_every: int = Field(500, ge=1)
+    """Save a resumable checkpoint every this many steps."""
+    keep_checkpoints: int = Field(3, ge=1)
+    """Keep only the newest N checkpoints."""
+    validation_every: int | None = Field(None, ge=1)
+    """Generate validation images every this many steps (null: only at the end if prompts are given)."""
+    validation_prompts: list[str] = []
+    """Prompts for validation images."""
+    validation_steps: int = Field(25, ge=1)
+    """Denoising steps for validation images."""
+    log_every: int = Field(10, ge=1)
+    """Log metrics every this many steps."""
+    seed: int = 0
+    """Seed of the data order, noise, timesteps and caption dropout."""
+    num_workers: int = Field(0, ge=0)
+    """DataLoader worker processes."""
+
+
+class Stage1Config(TrainConfig):
+    train_text_encoder: bool = True
+    """Fine-tune the CLIP text encoder with the UNet (the paper does; the released code does not)."""
+
+
+class ExpertConfig(TrainConfig):
+    rank: int = Field(256, ge=1)
+    """LoRA rank r."""
+    alpha: float = Field(64.0, gt=0)
+    """LoRA alpha α; the expert's scale is α/r."""
+    target_modules: list[str] = [
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "proj_in",
+        "proj_out",
+        "ff.net.0.proj",
+        "ff.net.2",
+    ]
+    """UNet modules that get a LoRA pair (peft names or suffixes)."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """LoRA dropout."""
+
+
+class GatesConfig(TrainConfig):
+    gate: Literal["local", "global", "both"] = "both"
+    """Which gates to learn: the paper uses both (Table 3 ablates the others)."""
+    experts: dict[str, str] = {}
+    """Expert name → LoRA path, in gate order (overridden by ``--experts``)."""
+    init_bias: float = 0.0
+    """Initial gate bias; gates start at sigmoid(init_bias)."""
+
+
+class MoleConfig(_Strict):
+    """A whole training recipe."""
+
+    model: ModelConfig = ModelConfig()
+    """The base model."""
+    stage1: Stage1Config = Stage1Config()
+    """Stage 1: fine-tune on the human-centric dataset."""
+    experts: dict[str, ExpertConfig] = {}
+    """Stage 2: one LoRA expert per entry (face, hand, ...)."""
+    gates: GatesConfig = GatesConfig()
+    """Stage 3: the soft mixture."""
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem, each naming the field by its dotted path."""
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["stage1.optimizer.lr=1e-5"]`` → ``{"stage1.optimizer.lr": 1e-05}`` (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override must look like section.key=value, got {item!r}")
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    return out
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> MoleConfig:
+    """Read a YAML recipe, apply dotted overrides (``stage1.max_steps: 10``), validate.
+
+    Raises:
+        ConfigError: Missing file, bad YAML, unknown keys or invalid values, each naming the field.
+    """
+    tree: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config {p} is not valid YAML: {err}") from err
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config {p} must be a mapping at the top level")
+        tree = loaded or {}
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(tree, dotted, value)
+    try:
+        return MoleConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def stage_config(config: MoleConfig, stage: StageName, expert: str | None = None) -> TrainConfig:
+    """The section of ``config`` that a stage trains with."""
+    if stage == "stage1":
+        return config.stage1
+    if stage == "gates":
+        return config.gates
+    if expert is None:
+        raise ConfigError("the expert stage needs an expert name (--name)")
+    if expert not in config.experts:
+        raise ConfigError(f"no experts.{expert} section in the config; it has {sorted(config.experts) or 'none'}")
+    return config.experts[expert]

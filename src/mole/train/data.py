@@ -1,0 +1,213 @@
+"""Training data: random access into mole-shards datasets, augmentation, and a resumable sampler.
+
+The sampler is a pure function of (seed, position): the k-th sample the run consumes is fixed by the seed,
+so resuming at optimizer step s continues at position s × batch × grad_accum × processes and sees exactly
+the samples an uninterrupted run would have seen, with the same augmentation.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+from mole.data.shards import DatasetError, read_index
+
+logger = logging.getLogger(__name__)
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """Where one sample's image bytes live, and its caption (captions are small, so kept in memory)."""
+
+    key: str
+    shard: str
+    offset: int
+    size: int
+    caption: str
+
+
+def index_samples(path: str | os.PathLike[str]) -> tuple[list[SampleRef], Counter[str]]:
+    """Read every shard's tar headers once and return a random-access index.
+
+    Samples without an image or caption are skipped and counted by reason (never a crash, never silent).
+
+    Raises:
+        DatasetError: Not a dataset, or no usable sample at all.
+    """
+    root = Path(path)
+    index = read_index(root)
+    refs: list[SampleRef] = []
+    rejected: Counter[str] = Counter()
+    for shard in index.shards:
+        shard_path = root / shard.path
+        parts: dict[str, dict[str, tarfile.TarInfo]] = {}
+        with tarfile.open(shard_path, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, dot, suffix = member.name.partition(".")
+                if dot:
+                    parts.setdefault(key, {})["." + suffix.lower()] = member
+            for key, members in parts.items():
+                image = next((members[s] for s in _IMAGE_SUFFIXES if s in members), None)
+                if image is None:
+                    rejected["missing image"] += 1
+                    continue
+                if ".txt" not in members:
+                    rejected["missing caption"] += 1
+                    continue
+                handle = tar.extractfile(members[".txt"])
+                assert handle is not None
+                caption = handle.read().decode("utf-8", errors="replace").strip()
+                if not caption:
+                    rejected["empty caption"] += 1
+                    continue
+                refs.append(SampleRef(key, str(shard_path), image.offset_data, image.size, caption))
+    if rejected:
+        logger.warning("%s: %d samples skipped: %s", root, sum(rejected.values()), dict(rejected))
+    if not refs:
+        raise DatasetError(f"{root}: no usable image-caption sample (rejected: {dict(rejected) or 'none'})")
+    return refs, rejected
+
+
+def _sample_rng(seed: int, position: int) -> np.random.Generator:
+    return np.random.default_rng([seed, position])
+
+
+class ImageCaptionDataset(Dataset):
+    """Map-style dataset of (pixels in [-1, 1], token ids), indexed by ``(sample index, position)``.
+
+    The position seeds the sample's own augmentation and caption dropout, which makes them independent of
+    worker processes and exactly reproducible on resume.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        tokenizer,
+        resolution: int,
+        *,
+        center_crop: bool = True,
+        random_flip: bool = True,
+        caption_dropout: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        self.refs, self.rejected = index_samples(path)
+        self.tokenizer = tokenizer
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.caption_dropout = caption_dropout
+        self.seed = seed
+        self.max_length = min(int(tokenizer.model_max_length), 77)
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def load_image(self, i: int) -> Image.Image:
+        ref = self.refs[i]
+        with open(ref.shard, "rb") as f:
+            f.seek(ref.offset)
+            data = f.read(ref.size)
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                return image.convert("RGB")
+        except OSError as err:
+            raise DatasetError(f"{ref.shard}: sample {ref.key} has an undecodable image ({err})") from err
+
+    def transform(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+        """Resize the short side to the resolution, crop square, maybe flip, scale to [-1, 1]. ``[3, H, W]``."""
+        res = self.resolution
+        w, h = image.size
+        scale = res / min(w, h)
+        image = image.resize((max(res, round(w * scale)), max(res, round(h * scale))), Image.Resampling.BICUBIC)
+        w, h = image.size
+        if self.center_crop:
+            left, top = (w - res) // 2, (h - res) // 2
+        else:
+            left, top = int(rng.integers(0, w - res + 1)), int(rng.integers(0, h - res + 1))
+        image = image.crop((left, top, left + res, top + res))
+        if self.random_flip and rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+    def tokenize(self, caption: str) -> torch.Tensor:
+        ids = self.tokenizer(
+            caption, max_length=self.max_length, padding="max_length", truncation=True, return_tensors="pt"
+        ).input_ids
+        return ids[0]
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, torch.Tensor | int]:
+        i, position = item
+        rng = _sample_rng(self.seed, position)
+        for _ in range(len(self.refs)):
+            try:
+                image = self.load_image(i)
+                break
+            except DatasetError as err:
+                # Counted and explained, then the next sample stands in: one bad file must not end a
+                # week-long run. (The counter is per worker process; the warning is what reaches the log.)
+                self.rejected["undecodable image"] += 1
+                logger.warning("%s; using the next sample instead", err)
+                i = (i + 1) % len(self.refs)
+        else:
+            raise DatasetError("no sample in the dataset can be decoded")
+        pixels = self.transform(image, rng)
+        dropped = bool(rng.random() < self.caption_dropout)
+        caption = "" if dropped else self.refs[i].caption
+        return {"pixel_values": pixels, "input_ids": self.tokenize(caption), "index": i, "dropped": dropped}
+
+
+class ResumableSampler(Sampler[tuple[int, int]]):
+    """Endless shuffled stream of ``(index, position)``, a pure function of the seed, split across processes.
+
+    Global position p maps to epoch p // n and the p % n-th entry of that epoch's permutation. Process r of
+    w takes positions r, r + w, r + 2w... starting from ``start``.
+    """
+
+    def __init__(self, num_samples: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        self.n = num_samples
+        self.seed = seed
+        self.start = start
+        self.rank = rank
+        self.world_size = world_size
+
+    def _permutation(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        position = self.start + self.rank
+        epoch, perm = -1, []
+        while True:
+            if position // self.n != epoch:
+                epoch = position // self.n
+                perm = self._permutation(epoch)
+            yield perm[position % self.n], position
+            position += self.world_size
+
+    def __len__(self) -> int:  # endless; DataLoader needs a number only for its own bookkeeping
+        return 2**62
+
+
+def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
+    return {
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+        "input_ids": torch.stack([s["input_ids"] for s in samples]),
+        "index": torch.tensor([s["index"] for s in samples]),
+        "dropped": torch.tensor([s["dropped"] for s in samples]),
+    }

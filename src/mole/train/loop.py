@@ -1,0 +1,377 @@
+"""ONE loop for the three stages. Stages differ only in what is trainable (the Stage), the loss weighting and
+the schedule (the TrainConfig); everything else — data order, noise, accumulation, clipping, EMA,
+checkpoints, resume, validation, metrics — is here once.
+
+Runs single-process as is, and multi-process under ``accelerate launch`` (DDP or DeepSpeed ZeRO-2/3; on a
+CPU the process group is gloo).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mole.train import checkpoint as ckpt
+from mole.train.config import OptimizerConfig, TrainConfig
+from mole.train.data import ImageCaptionDataset, ResumableSampler, collate
+from mole.train.metrics import JsonlLogger, MetricsLogger, NullLogger
+from mole.train.model import diffusion_loss, min_snr_weights
+from mole.train.stages import Stage, StageError, write_result
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or resumed-and-finished) run reports."""
+
+    stage: str
+    result: Path | None
+    steps: int
+    start_step: int
+    final_loss: float
+    seconds_per_step: float
+    samples_per_second: float
+    rejected: dict[str, int] = field(default_factory=dict)
+
+
+def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    if cfg.name == "lion":
+        from lion_pytorch import Lion
+
+        return Lion(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def make_accelerator(cfg: TrainConfig):
+    """An Accelerator for this machine: gloo on CPU, mixed precision only where it exists."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    cuda = torch.cuda.is_available()
+    precision = cfg.mixed_precision if cuda else "no"
+    if precision != cfg.mixed_precision:
+        logger.info("no CUDA: training in float32 instead of %s", cfg.mixed_precision)
+    # Under a launcher (accelerate launch, torchrun: WORLD_SIZE is set) a CPU process group must be gloo;
+    # a plain single process has no process group at all.
+    launched = "WORLD_SIZE" in os.environ
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and not cuda else []
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision, kwargs_handlers=handlers
+    )
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        # Our config is the source of truth; otherwise DeepSpeed's defaults silently win at prepare().
+        ds = plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
+        ds["gradient_accumulation_steps"] = cfg.grad_accum
+        ds["train_batch_size"] = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
+        ds["gradient_clipping"] = cfg.optimizer.max_grad_norm or 0.0
+    return accelerator
+
+
+def _zero_stage(accelerator) -> int:
+    plugin = accelerator.state.deepspeed_plugin
+    return int(plugin.zero_stage) if plugin is not None else 0
+
+
+@torch.no_grad()
+def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """VAE latents scaled for the UNet: ``[B, 3, H, W] -> [B, 4, H/8, W/8]``."""
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return dist.sample() * vae.config.scaling_factor
+
+
+class FeatureCache:
+    """VAE latent distributions and text states of every sample, computed once (``cache_latents`` /
+    ``cache_text``). Held in memory: meant for the close-up expert sets, not a million-image stage 1."""
+
+    def __init__(self, stage: Stage, dataset: ImageCaptionDataset, latents: bool, text: bool, device) -> None:
+        self.latent_mean = self.latent_std = self.text = self.empty_text = None
+        means, stds, states = [], [], []
+        with torch.no_grad():
+            for i in range(len(dataset)):
+                item = dataset[(i, 0)]
+                if latents:
+                    dist = stage.vae.encode(item["pixel_values"][None].to(device, stage.vae.dtype)).latent_dist
+                    means.append(dist.mean[0])
+                    stds.append(dist.std[0])
+                if text:
+                    ids = dataset.tokenize(dataset.refs[i].caption)[None].to(device)
+                    states.append(stage.model.text_encoder(ids)[0][0])
+            if latents:
+                self.latent_mean, self.latent_std = torch.stack(means), torch.stack(stds)
+            if text:
+                self.text = torch.stack(states)
+                self.empty_text = stage.model.text_encoder(dataset.tokenize("")[None].to(device))[0][0]
+        self.scaling = stage.vae.config.scaling_factor
+
+    def inputs(self, batch: dict[str, torch.Tensor], stage: Stage, device) -> dict[str, torch.Tensor]:
+        index = batch["index"].to(device)
+        out: dict[str, torch.Tensor] = {}
+        if self.latent_mean is not None:
+            mean, std = self.latent_mean[index], self.latent_std[index]
+            out["latents"] = (mean + std * torch.randn_like(mean)) * self.scaling
+        else:
+            out["latents"] = encode_latents(stage.vae, batch["pixel_values"])
+        if self.text is not None:
+            dropped = batch["dropped"].to(device)[:, None, None]
+            out["encoder_hidden_states"] = torch.where(dropped, self.empty_text[None], self.text[index])
+        else:
+            out["input_ids"] = batch["input_ids"].to(device)
+        return out
+
+
+def stage_loss(stage: Stage, model, batch: dict[str, torch.Tensor], cfg: TrainConfig) -> torch.Tensor:
+    """The objective of every stage: (Min-SNR weighted) MSE on the model's prediction target."""
+    inner = stage.model
+    pred, target, timesteps = model(batch)
+    weights = None
+    if cfg.min_snr_gamma is not None:
+        weights = min_snr_weights(
+            inner.noise_scheduler.alphas_cumprod, timesteps, cfg.min_snr_gamma, inner.prediction_type
+        )
+    return diffusion_loss(pred, target, weights)
+
+
+@torch.no_grad()
+def fixed_batch_loss(stage: Stage, batch: dict[str, torch.Tensor], cfg: TrainConfig, seed: int = 1234) -> float:
+    """Loss on a batch with noise and timesteps fixed by ``seed``: comparable before and after training."""
+    was_training = stage.model.training
+    stage.model.eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        inputs = {
+            "latents": encode_latents(stage.vae, batch["pixel_values"]),
+            "input_ids": batch["input_ids"],
+        }
+        loss = stage_loss(stage, stage.model, inputs, cfg).item()
+    stage.model.train(was_training)
+    return loss
+
+
+def _validate(stage: Stage, accelerator, model, cfg: TrainConfig, output: Path, step: int, log: MetricsLogger):
+    if not cfg.validation_prompts or not accelerator.is_main_process:
+        return
+    if _zero_stage(accelerator) == 3:
+        logger.warning("validation images are skipped under ZeRO-3 (parameters are partitioned)")
+        return
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from mole.generate import generate
+
+    inner = accelerator.unwrap_model(model)
+    pipe = StableDiffusionPipeline(
+        vae=stage.vae,
+        text_encoder=inner.text_encoder,
+        tokenizer=stage.tokenizer,
+        unet=inner.unet,
+        scheduler=DDIMScheduler.from_pretrained(stage.base, subfolder="scheduler"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    inner.eval()
+    try:
+        images = generate(pipe, cfg.validation_prompts, seed=cfg.seed, steps=cfg.validation_steps).images
+    finally:
+        inner.train()
+    folder = output / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, image in enumerate(images):
+        path = folder / f"step-{step:08d}-{k}.png"
+        image.save(path)
+        log.log_artifact(path, "validation_image")
+
+
+def run_training(
+    stage: Stage,
+    cfg: TrainConfig,
+    data: str,
+    output: Path,
+    *,
+    resolution: int,
+    resume: str | None = None,
+    metrics: MetricsLogger | None = None,
+    params: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train ``stage`` for ``cfg.max_steps`` optimizer steps and save its result under ``output``.
+
+    Args:
+        data: Local dataset folder (S3 URIs are resolved by the caller).
+        resume: ``latest`` (newest complete checkpoint under ``output``, or a fresh start if none) or a path.
+        metrics: Where metrics go; default ``output/metrics.jsonl`` on the main process.
+        params: The resolved configuration, logged once.
+    """
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    accelerator = make_accelerator(cfg)
+    output.mkdir(parents=True, exist_ok=True)
+    main = accelerator.is_main_process
+    log = metrics or (JsonlLogger(output) if main else NullLogger())
+    if params is not None:
+        log.log_params(params)
+    if cfg.ema_decay is not None and _zero_stage(accelerator) == 3:
+        raise StageError("ema_decay is not supported under ZeRO-3 (the EMA would need the partitioned weights)")
+    if cfg.cache_latents and (cfg.random_flip or not cfg.center_crop):
+        raise StageError("cache_latents needs random_flip: false and center_crop: true (cached latents are fixed)")
+    if cfg.cache_text and stage.model.train_text_encoder:
+        raise StageError("cache_text needs a frozen text encoder (set train_text_encoder: false)")
+
+    dataset = ImageCaptionDataset(
+        data, stage.tokenizer, resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
+        caption_dropout=cfg.caption_dropout, seed=cfg.seed,
+    )  # fmt: skip
+    set_seed(cfg.seed + accelerator.process_index)  # noise and timesteps differ between processes
+    trainable = [p for p in stage.model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(trainable, cfg.optimizer)
+    n_proc = accelerator.num_processes
+    lr_scheduler = get_scheduler(
+        cfg.lr_scheduler,
+        optimizer,
+        num_warmup_steps=cfg.warmup_steps * n_proc,
+        num_training_steps=cfg.max_steps * n_proc,
+    )
+    ema = None
+    if cfg.ema_decay is not None:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(trainable, decay=cfg.ema_decay)
+    stage.vae.to(accelerator.device)
+    cache = None
+    if cfg.cache_latents or cfg.cache_text:
+        stage.model.text_encoder.to(accelerator.device)
+        cache = FeatureCache(stage, dataset, cfg.cache_latents, cfg.cache_text, accelerator.device)
+    model, optimizer, lr_scheduler = accelerator.prepare(stage.model, optimizer, lr_scheduler)
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+
+    resume_from = ckpt.resolve_resume(output, resume)
+    start_step = int(ckpt.read_state(resume_from)["step"]) if resume_from is not None else 0
+    per_step = cfg.batch_size * cfg.grad_accum * n_proc
+    sampler = ResumableSampler(len(dataset), cfg.seed, start_step * per_step, accelerator.process_index, n_proc)
+    # The loader gets its own generator: creating its iterator must not draw from the global RNG, whose
+    # state is part of the checkpoint (and is restored just below).
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        num_workers=cfg.num_workers,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    batches = iter(loader)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        logger.info("resumed from %s at step %d", resume_from, start_step)
+    if start_step >= cfg.max_steps:
+        logger.info("already at step %d of %d: nothing to train", start_step, cfg.max_steps)
+    model.train()
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not main, desc=stage.name, dynamic_ncols=True)
+    loss_value, t_start, window_start, window_steps = math.nan, time.perf_counter(), time.perf_counter(), 0
+    step = start_step
+    while step < cfg.max_steps:
+        losses = []
+        for _ in range(cfg.grad_accum):
+            batch = next(batches)
+            with accelerator.accumulate(model):
+                if cache is not None:
+                    inputs = cache.inputs(batch, stage, accelerator.device)
+                else:
+                    inputs = {
+                        "latents": encode_latents(stage.vae, batch["pixel_values"]),
+                        "input_ids": batch["input_ids"].to(accelerator.device),
+                    }
+                loss = stage_loss(stage, model, inputs, cfg)
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients and cfg.optimizer.max_grad_norm:
+                    grad_norm = accelerator.clip_grad_norm_(trainable, cfg.optimizer.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        step += 1
+        window_steps += 1
+        if ema is not None:
+            ema.step(trainable)
+        loss_value = accelerator.gather(torch.stack(losses).mean()).mean().item()
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            elapsed = time.perf_counter() - window_start
+            stats = {
+                "loss": loss_value,
+                "lr": lr_scheduler.get_last_lr()[0],
+                "samples_per_second": window_steps * per_step / max(elapsed, 1e-9),
+                "seconds_per_step": elapsed / window_steps,
+            }
+            if grad_norm is not None:
+                stats["grad_norm"] = float(grad_norm)
+            log.log_metrics(stats, step)
+            bar.set_postfix(
+                loss=f"{loss_value:.4f}", lr=f"{stats['lr']:.2e}", sps=f"{stats['samples_per_second']:.1f}"
+            )
+            window_start, window_steps = time.perf_counter(), 0
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            accelerator.save_state(str(ckpt.temp_path(output, step)))
+            accelerator.wait_for_everyone()
+            if main:
+                ckpt.finalize(output, step, {"stage": stage.name, "loss": loss_value}, cfg.keep_checkpoints)
+            accelerator.wait_for_everyone()
+        if cfg.validation_every and step % cfg.validation_every == 0:
+            _validate(stage, accelerator, model, cfg, output, step, log)
+    bar.close()
+    trained_steps = step - start_step
+    seconds_per_step = (time.perf_counter() - t_start) / max(trained_steps, 1)
+
+    accelerator.wait_for_everyone()
+    if ema is not None:
+        ema.copy_to(trainable)  # the result is the averaged model
+    state = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; every process must call it
+    result_path = None
+    if main:
+        result_path = stage.save(state, output)
+        if cfg.validation_prompts and not cfg.validation_every:
+            _validate(stage, accelerator, model, cfg, output, step, log)
+        write_result(
+            output,
+            {
+                "stage": stage.name,
+                "result": str(result_path),
+                "base": str(stage.base),
+                "data": data,
+                "steps": step,
+                "final_loss": loss_value,
+                "seconds_per_step": seconds_per_step,
+                "processes": n_proc,
+                "zero_stage": _zero_stage(accelerator),
+                "rejected_samples": dict(dataset.rejected),
+                **stage.info,
+            },
+        )
+    accelerator.wait_for_everyone()
+    log.close()
+    accelerator.end_training()
+    return TrainResult(
+        stage=stage.name,
+        result=result_path,
+        steps=step,
+        start_step=start_step,
+        final_loss=loss_value,
+        seconds_per_step=seconds_per_step,
+        samples_per_second=per_step / seconds_per_step if trained_steps else 0.0,
+        rejected=dict(dataset.rejected),
+    )
