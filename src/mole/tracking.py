@@ -1,0 +1,479 @@
+"""MLflow: one run per stage under an optional parent, lineage, the model registry, promotion. The only module
+that imports mlflow.
+
+Lineage is recorded three ways, each readable through the MLflow client: datasets as run inputs (with the
+mole-shards digest), upstream models as logged-model inputs, and upstream run ids as ``mole.upstream.*``
+tags. Every stage writes its run id and model URI into its ``result.json`` as well, so a stage started from
+a local folder still finds its upstream run.
+
+Tracking is on by default: ``MLFLOW_TRACKING_URI`` (default ``sqlite:///mlruns/mlflow.db``, artifacts under
+``mlruns/``), ``MLFLOW_EXPERIMENT_NAME`` (default ``mole``), ``MLFLOW_RUN_ID`` (resume/adopt a run) and
+``MOLE_PARENT_RUN_ID`` (the pipeline's parent run) are honoured; ``MOLE_TRACKING=off`` disables it.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
+DEFAULT_EXPERIMENT = "mole"
+REGISTERED = {"stage1": "mole-stage1", "mole": "mole"}
+_SECRET_KEY = re.compile(r"secret|password|passwd|token|credential|access_key|api_key|auth", re.IGNORECASE)
+
+
+def expert_model_name(expert: str) -> str:
+    return f"mole-expert-{expert}"
+
+
+def enabled() -> bool:
+    return os.environ.get("MOLE_TRACKING", "on").lower() not in ("0", "off", "false", "no")
+
+
+def _mlflow():
+    import mlflow
+
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        Path("mlruns").mkdir(exist_ok=True)
+        mlflow.set_tracking_uri(DEFAULT_URI)
+    return mlflow
+
+
+def _client():
+    return _mlflow().MlflowClient()
+
+
+def redact(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Flatten nested params to dotted keys; blank any whose key looks like a credential, and any value that
+    equals a credential found in the environment (defence in depth: secrets never reach MLflow)."""
+    secrets = {v for k, v in os.environ.items() if _SECRET_KEY.search(k) and len(v) >= 6}
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+            return
+        text = json.dumps(value, default=str) if isinstance(value, list | tuple) else str(value)
+        if _SECRET_KEY.search(prefix) or any(s in text for s in secrets):
+            text = "***"
+        flat[prefix] = text[:6000]
+
+    walk("", dict(params))
+    return flat
+
+
+class StageRun:
+    """One MLflow run for one stage; also a :class:`mole.train.metrics.MetricsLogger`.
+
+    Args:
+        stage: ``curate``, ``stage1``, ``expert:face``, ``gates``, ``evaluate``...
+        tags: Extra tags (the run also gets ``mole.stage``).
+    """
+
+    def __init__(self, stage: str, tags: Mapping[str, str] | None = None) -> None:
+        mlflow = _mlflow()
+        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+        parent = os.environ.get("MOLE_PARENT_RUN_ID")
+        all_tags = {"mole.stage": stage, **(tags or {})}
+        self.run = mlflow.start_run(run_name=stage.replace(":", "-"), parent_run_id=parent, tags=all_tags,
+                                    log_system_metrics=_system_metrics())  # fmt: skip
+        self.run_id = self.run.info.run_id
+        self.stage = stage
+        self._mlflow = mlflow
+        logger.info("MLflow run %s (%s) at %s", self.run_id, stage, mlflow.get_tracking_uri())
+
+    # --- the MetricsLogger interface -------------------------------------------------------------------
+    def log_params(self, params: dict[str, Any]) -> None:
+        flat = redact(params)
+        items = list(flat.items())
+        for i in range(0, len(items), 100):  # MLflow's batch limit
+            self._mlflow.log_params(dict(items[i : i + 100]))
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_artifact(self, path: Path, kind: str) -> None:
+        self._mlflow.log_artifact(str(path), artifact_path=kind)
+
+    def close(self, status: str = "FINISHED") -> None:
+        if self._mlflow.active_run() is not None and self._mlflow.active_run().info.run_id == self.run_id:
+            self._mlflow.end_run(status=status)
+
+    def __enter__(self) -> StageRun:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close("FAILED" if exc_type else "FINISHED")
+
+    # --- lineage ---------------------------------------------------------------------------------------
+    def log_dataset(self, path: str, name: str, digest: str, context: str = "training") -> None:
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        source = resolve_dataset_source(str(Path(path).resolve()) if "://" not in str(path) else str(path))
+        dataset = MetaDataset(source, name=name, digest=digest[:36])
+        self._mlflow.log_input(dataset, context=context, tags={"mole.digest": digest})
+        self._mlflow.set_tag(f"mole.dataset.{context}", digest)
+
+    def log_upstream(self, name: str, run_id: str | None, model_id: str | None = None) -> None:
+        """Record an upstream stage: its run id as a tag and its logged model as an input."""
+        if run_id:
+            self._mlflow.set_tag(f"mole.upstream.{name}", run_id)
+        if model_id:
+            from mlflow.entities import LoggedModelInput
+
+            self._mlflow.log_input(model=LoggedModelInput(model_id))
+
+    def set_tag(self, key: str, value: str) -> None:
+        self._mlflow.set_tag(key, value)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._mlflow.log_text(text, artifact_file)
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        self._mlflow.log_dict(data, artifact_file)
+
+    # --- registry --------------------------------------------------------------------------------------
+    def register_stage1(self, model_dir: Path) -> ModelRef:
+        info = self._mlflow.pyfunc.log_model(
+            name="model", python_model=mole_pyfunc(), artifacts={"base": str(model_dir)},
+            model_config={"experts": {}, "gates": False}, registered_model_name=REGISTERED["stage1"],
+            pip_requirements=_requirements(),
+        )  # fmt: skip
+        return self._ref(info, REGISTERED["stage1"])
+
+    def register_expert(self, expert: str, lora_file: Path, base_uri: str) -> ModelRef:
+        import shutil
+        import tempfile
+
+        name = expert_model_name(expert)
+        with tempfile.TemporaryDirectory() as staging:
+            # Only the adapter: the stage's folder also holds checkpoints and the downloaded base model.
+            for f in (lora_file, lora_file.parent / "adapter_config.json"):
+                if f.is_file():
+                    shutil.copy2(f, Path(staging) / f.name)
+            info = self._mlflow.diffusers.log_model(
+                staging, base_model=base_uri, adapter_type="lora", name="expert", registered_model_name=name,
+                pip_requirements=_requirements(),
+            )  # fmt: skip
+        return self._ref(info, name)
+
+    def register_mole(self, base_dir: Path, experts: Mapping[str, Path], gates: Path, alias: str = "candidate"):
+        """The full mixture as one self-contained pyfunc version of ``mole``, aliased ``candidate``."""
+        import shutil
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as staging:
+            # MLflow stores artifacts under their base names, and every expert file is called
+            # pytorch_lora_weights.safetensors: give each expert (and the gates) a folder of its own.
+            artifacts = {"base": str(base_dir)}
+            gates_dir = Path(staging) / "gates"
+            gates_dir.mkdir()
+            shutil.copy2(gates, gates_dir / "gates.safetensors")
+            if gates.with_suffix(".json").is_file():
+                shutil.copy2(gates.with_suffix(".json"), gates_dir / "gates.json")
+            artifacts["gates"] = str(gates_dir)
+            for name, path in experts.items():
+                weights = path if path.is_file() else _lora_file(path)
+                folder = Path(staging) / f"expert_{name}"
+                folder.mkdir()
+                shutil.copy2(weights, folder / weights.name)
+                artifacts[f"expert_{name}"] = str(folder)
+            info = self._mlflow.pyfunc.log_model(
+                name="model", python_model=mole_pyfunc(), artifacts=artifacts,
+                model_config={"experts": sorted(experts), "gates": True}, registered_model_name=REGISTERED["mole"],
+                pip_requirements=_requirements(),
+            )  # fmt: skip
+        ref = self._ref(info, REGISTERED["mole"])
+        _client().set_registered_model_alias(REGISTERED["mole"], alias, ref.version)
+        return ref
+
+    def _ref(self, info, registered: str) -> ModelRef:
+        version = str(info.registered_model_version)
+        self._mlflow.set_tag(f"mole.model.{registered}", version)
+        return ModelRef(registered, version, info.model_id, f"models:/{registered}/{version}", self.run_id)
+
+
+@dataclass
+class ModelRef:
+    name: str
+    version: str
+    model_id: str
+    uri: str
+    run_id: str
+
+
+def _lora_file(folder: Path) -> Path:
+    for candidate in ("pytorch_lora_weights.safetensors", "adapter_model.safetensors"):
+        if (folder / candidate).is_file():
+            return folder / candidate
+    raise FileNotFoundError(f"no LoRA weights file in {folder}")
+
+
+def load_registered_pipeline(uri: str):  # -> diffusers.StableDiffusionPipeline
+    """The generation pipeline of a registered mole model (``models:/mole@champion``, ``models:/mole-stage1/2``)."""
+    model = _mlflow().pyfunc.load_model(uri)
+    return model.unwrap_python_model().pipe
+
+
+def _system_metrics() -> bool:
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        return False
+    return os.environ.get("MOLE_SYSTEM_METRICS", "on").lower() not in ("0", "off", "false")
+
+
+def _requirements() -> list[str]:
+    from mole import __version__
+
+    return [f"mole=={__version__}"]
+
+
+def result_of(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``result.json`` of the stage that produced ``path`` (the file, its folder or the folder above)."""
+    p = Path(path)
+    for folder in (p if p.is_dir() else p.parent, (p if p.is_dir() else p.parent).parent):
+        candidate = folder / "result.json"
+        if candidate.is_file():
+            return json.loads(candidate.read_text(encoding="utf-8"))
+    return {}
+
+
+def source_of(uri: str) -> dict[str, Any]:
+    """The run and logged model that produced a model: for ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` the
+    registry's record, for a local path its stage's ``result.json``."""
+    m = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@(.+))", uri)
+    if not m:
+        return result_of(uri)
+    client = _client()
+    mv = client.get_model_version(m[1], m[2]) if m[2] else client.get_model_version_by_alias(m[1], m[3])
+    return {"mlflow_run_id": mv.run_id, "model_id": getattr(mv, "model_id", None), "registered": m[1],
+            "version": mv.version}  # fmt: skip
+
+
+def resolve_model(uri: str, dst: Path) -> Path:
+    """A local folder for ``models:/name/version`` or ``models:/name@alias`` (its base/adapter files); local
+    paths pass through."""
+    if not uri.startswith(("models:/", "runs:/")):
+        return Path(uri)
+    mlflow = _mlflow()
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    # A pyfunc keeps each artifact under its file name (artifacts/<name>/), so look for the diffusers folder.
+    # A pyfunc keeps each artifact under its file name (artifacts/<name>/): look for the diffusers folder. The
+    # diffusers flavour keeps a LoRA adapter under adapter_weights/.
+    for index in [
+        *sorted(local.glob("artifacts/*/model_index.json")),
+        *sorted(local.glob("*/artifacts/*/model_index.json")),
+    ]:
+        return index.parent
+    if any((local / "adapter_weights").glob("*.safetensors")):
+        return local / "adapter_weights"
+    return local
+
+
+# --- the pipeline's parent run ---------------------------------------------------------------------------
+
+PIPELINE_TAG = "mole.pipeline_job"
+
+
+def start_pipeline_run(job_id: str, job_name: str, params: Mapping[str, Any]) -> str:
+    """Create (or find, when a step is retried) the parent run of pipeline job ``job_id``; it stays RUNNING until
+    :func:`finish_pipeline_run`. Stage runs join it through ``MOLE_PARENT_RUN_ID``. Returns its run id."""
+    mlflow = _mlflow()
+    experiment = mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+    client = _client()
+    found = client.search_runs([experiment.experiment_id], f"tags.`{PIPELINE_TAG}` = '{job_id}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(experiment.experiment_id, run_name=job_name or f"pipeline-{job_id}",
+                            tags={PIPELINE_TAG: job_id, "mole.stage": "pipeline"})  # fmt: skip
+    flat = list(redact(params).items())
+    for i in range(0, len(flat), 100):
+        from mlflow.entities import Param
+
+        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in flat[i : i + 100]])
+    return run.info.run_id
+
+
+def finish_pipeline_run(job_id: str, state: str, error: str | None = None) -> str | None:
+    """Mark the parent run of ``job_id`` FINISHED (``state`` SUCCEEDED) or FAILED (anything else), with the
+    error as a tag. Returns its run id, or None when the job never got as far as creating it."""
+    mlflow = _mlflow()
+    experiment = mlflow.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+    if experiment is None:
+        return None
+    client = _client()
+    found = client.search_runs([experiment.experiment_id], f"tags.`{PIPELINE_TAG}` = '{job_id}'", max_results=1)
+    if not found:
+        return None
+    run_id = found[0].info.run_id
+    client.set_tag(run_id, "mole.pipeline_state", state)
+    if error:
+        client.set_tag(run_id, "mole.pipeline_error", error[:5000])
+    client.set_terminated(run_id, "FINISHED" if state == "SUCCEEDED" else "FAILED")
+    return run_id
+
+
+# --- promotion ---------------------------------------------------------------------------------------------
+
+
+def model_metric(name: str, version: str, metric: str) -> float | None:
+    """The metric of a version: its ``mole.metric.<metric>`` tag, else the metric of its source run."""
+    client = _client()
+    mv = client.get_model_version(name, version)
+    if f"mole.metric.{metric}" in (mv.tags or {}):
+        return float(mv.tags[f"mole.metric.{metric}"])
+    if mv.run_id:
+        value = client.get_run(mv.run_id).data.metrics.get(metric)
+        return None if value is None else float(value)
+    return None
+
+
+def promote(metric: str, name: str = "mole", candidate: str = "candidate", champion: str = "champion",
+            baseline: str | None = None, higher_is_better: bool = True) -> tuple[bool, str]:  # fmt: skip
+    """Move ``champion`` to the ``candidate`` version only if it beats the current champion (or, with no
+    champion yet, ``baseline`` — e.g. ``models:/mole-stage1/3``'s score — when given). Returns (moved, why)."""
+    client = _client()
+    try:
+        cand = client.get_model_version_by_alias(name, candidate)
+    except Exception as err:  # MlflowException for a missing alias
+        return False, f"no {name}@{candidate} to promote ({err})"
+    cand_score = model_metric(name, cand.version, metric)
+    if cand_score is None:
+        return False, f"{name} version {cand.version} has no {metric!r} score; evaluate it first"
+    try:
+        champ = client.get_model_version_by_alias(name, champion)
+        ref_name, ref_version, label = name, champ.version, f"champion (version {champ.version})"
+    except Exception:  # no champion yet
+        champ = None
+        if baseline is None:
+            ref_name = None
+        else:
+            m = re.fullmatch(r"models:/([^/@]+)/(\d+)", baseline)
+            if not m:
+                return False, f"baseline must look like models:/NAME/VERSION, got {baseline!r}"
+            ref_name, ref_version, label = m[1], m[2], f"baseline {baseline}"
+    if champ is not None and champ.version == cand.version:
+        return False, f"version {cand.version} is already {champion}"
+    if ref_name is not None:
+        ref_score = model_metric(ref_name, ref_version, metric)
+        if ref_score is not None:
+            better = cand_score > ref_score if higher_is_better else cand_score < ref_score
+            if not better:
+                return False, (f"candidate version {cand.version} {metric}={cand_score:.4f} does not beat "
+                               f"{label} {metric}={ref_score:.4f}; {champion} left unchanged")  # fmt: skip
+    client.set_registered_model_alias(name, champion, cand.version)
+    return True, f"{champion} -> version {cand.version} ({metric}={cand_score:.4f})"
+
+
+def alias_version(name: str, alias: str) -> str:
+    return _client().get_model_version_by_alias(name, alias).version
+
+
+def set_model_metric(name: str, version: str, metric: str, value: float) -> None:
+    _client().set_model_version_tag(name, version, f"mole.metric.{metric}", str(value))
+
+
+# --- lineage ------------------------------------------------------------------------------------------------
+
+
+def lineage(model_uri: str) -> list[dict[str, Any]]:
+    """Walk from a registered model back to the curated datasets: one entry per stage run."""
+    client = _client()
+    m = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@(.+))", model_uri)
+    if not m:
+        raise ValueError(f"expected models:/NAME/VERSION or models:/NAME@ALIAS, got {model_uri!r}")
+    mv = client.get_model_version(m[1], m[2]) if m[2] else client.get_model_version_by_alias(m[1], m[3])
+    chain: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    todo = [(mv.run_id, f"{m[1]} version {mv.version}")]
+    while todo:
+        run_id, via = todo.pop(0)
+        if not run_id or run_id in seen:
+            continue
+        seen.add(run_id)
+        run = client.get_run(run_id)
+        tags = run.data.tags
+        datasets = []
+        for d in run.inputs.dataset_inputs:
+            digest = next((t.value for t in d.tags if t.key == "mole.digest"), d.dataset.digest)
+            source = json.loads(d.dataset.source).get("uri", d.dataset.source) if d.dataset.source else None
+            datasets.append({"name": d.dataset.name, "digest": digest, "source": source})
+        upstream = {k[len("mole.upstream.") :]: v for k, v in tags.items() if k.startswith("mole.upstream.")}
+        chain.append({"stage": tags.get("mole.stage", run.info.run_name), "run_id": run_id, "via": via,
+                      "upstream": upstream, "datasets": datasets})  # fmt: skip
+        todo += [(rid, name) for name, rid in sorted(upstream.items())]
+    return chain
+
+
+def format_lineage(chain: list[dict[str, Any]]) -> str:
+    lines = []
+    for step in chain:
+        lines.append(f"{step['stage']:<14} run {step['run_id']}  ({step['via']})")
+        for name, rid in step["upstream"].items():
+            lines.append(f"    <- {name}: run {rid}")
+        for d in step["datasets"]:
+            lines.append(f"    dataset {d['name']} digest {d['digest']} ({d['source']})")
+    return "\n".join(lines)
+
+
+# --- the MoLE model as a pyfunc ---------------------------------------------------------------------------
+
+
+_PYFUNC: type | None = None
+
+
+def mole_pyfunc() -> Any:
+    """An instance of the text-to-image pyfunc (the class is built on first use, so that importing this
+    module does not import mlflow)."""
+    global _PYFUNC
+    if _PYFUNC is None:
+        import mlflow.pyfunc
+
+        class MolePyfunc(mlflow.pyfunc.PythonModel):
+            """Text-to-image: a DataFrame with a ``prompt`` column (optional ``seed``, ``steps``, ``guidance``,
+            ``width``, ``height``) in; a DataFrame with ``png`` (base64-encoded PNG bytes) out."""
+
+            def load_context(self, context) -> None:
+                from mole.generate import load_pipeline
+
+                cfg = context.model_config or {}
+                experts = {n: context.artifacts[f"expert_{n}"] for n in cfg.get("experts", [])}
+                gates = context.artifacts.get("gates") if cfg.get("gates") else None
+                if gates is not None and Path(gates).is_dir():
+                    gates = str(Path(gates) / "gates.safetensors")
+                self.pipe = load_pipeline(context.artifacts["base"], experts or None, gates)
+
+            def predict(self, context, model_input, params=None):
+                import pandas as pd
+
+                from mole.generate import generate
+
+                rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
+                out = []
+                for row in rows:
+                    result = generate(
+                        self.pipe, [str(row["prompt"])], seed=int(row.get("seed") or 0),
+                        steps=int(row.get("steps") or 25), guidance=float(row.get("guidance") or 7.5),
+                        width=int(row["width"]) if row.get("width") else None,
+                        height=int(row["height"]) if row.get("height") else None,
+                    )  # fmt: skip
+                    buf = io.BytesIO()
+                    result.images[0].save(buf, format="PNG")
+                    out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
+                return pd.DataFrame({"png": out})
+
+        _PYFUNC = MolePyfunc
+    return _PYFUNC()
