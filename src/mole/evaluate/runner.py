@@ -1,0 +1,204 @@
+"""`mole evaluate`: generate for sampled benchmark prompts, score, report mean ± standard error (paper §4.2).
+
+The paper samples 3k prompts, generates, scores with HPS and ImageReward, repeats three times, and reports
+the mean over repeats and its standard error. Every prompt gets a seed derived from (seed, repeat, prompt),
+so two models evaluated with the same settings see the same prompts with the same initial noise: the
+stage and gate ablations (tables 2 and 3) compare like with like.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalSettings:
+    """What to evaluate and how."""
+
+    model: str
+    prompts: str
+    experts: dict[str, str] = field(default_factory=dict)
+    gates: str | None = None
+    num_prompts: int = 3000
+    repeats: int = 3
+    scorers: list[str] = field(default_factory=lambda: ["clip"])
+    scorer_config: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seed: int = 0
+    steps: int = 25
+    guidance: float = 7.5
+    width: int | None = None
+    height: int | None = None
+    batch_size: int = 4
+    save_images: bool = True
+    label: str | None = None
+
+
+def prompt_seed(seed: int, repeat: int, prompt: str) -> int:
+    """A seed that depends only on (seed, repeat, prompt): stable across models, batch sizes and machines."""
+    digest = hashlib.sha256(f"{seed}:{repeat}:{prompt}".encode()).hexdigest()
+    return int(digest[:8], 16)
+
+
+def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (sample std / √n; 0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def evaluate(settings: EvalSettings, output: str | os.PathLike[str]) -> dict[str, Any]:
+    """Run the evaluation; write images, ``scores.csv``, ``report.json`` and ``report.md`` under ``output``."""
+    from tqdm.auto import tqdm
+
+    from mole.evaluate.prompts import read_prompts, sample_prompts
+    from mole.evaluate.scorers import build_scorer
+    from mole.generate import generate, load_pipeline
+
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = read_prompts(settings.prompts)
+    if not prompts:
+        raise ValueError(f"{settings.prompts} holds no prompts")
+    if not settings.scorers:
+        raise ValueError("at least one scorer is needed (--scorers clip,hps_v1,...)")
+    scorers = [build_scorer(name, settings.scorer_config.get(name, {})) for name in settings.scorers]
+    if settings.model.startswith("models:/"):
+        from mole.tracking import load_registered_pipeline
+
+        pipe = load_registered_pipeline(settings.model)
+    else:
+        pipe = load_pipeline(settings.model, settings.experts or None, settings.gates)
+    n = min(settings.num_prompts, len(prompts))
+    if n < settings.num_prompts:
+        logger.warning("only %d prompts in %s; evaluating all of them", n, settings.prompts)
+    rows: list[dict[str, Any]] = []
+    per_repeat: dict[str, list[float]] = {s.name: [] for s in scorers}
+    bar = tqdm(total=n * settings.repeats, desc="evaluate", unit="img")
+    for repeat in range(settings.repeats):
+        sample = sample_prompts(prompts, n, settings.seed, repeat)
+        repeat_scores: dict[str, list[float]] = {s.name: [] for s in scorers}
+        for start in range(0, n, settings.batch_size):
+            batch = sample[start : start + settings.batch_size]
+            seeds = [prompt_seed(settings.seed, repeat, p) for p in batch]
+            images = generate(pipe, batch, seeds=seeds, steps=settings.steps, guidance=settings.guidance,
+                              width=settings.width, height=settings.height).images  # fmt: skip
+            batch_scores = {s.name: s.score(images, batch) for s in scorers}
+            for k, (prompt, image) in enumerate(zip(batch, images, strict=True)):
+                index = start + k
+                row = {"repeat": repeat, "index": index, "prompt": prompt, "seed": seeds[k]}
+                if settings.save_images:
+                    path = out / "images" / f"r{repeat}" / f"{index:05d}.png"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    image.save(path)
+                    row["image"] = str(path.relative_to(out))
+                for name, values in batch_scores.items():
+                    row[name] = float(values[k])
+                    repeat_scores[name].append(float(values[k]))
+                rows.append(row)
+            bar.update(len(batch))
+        for name, values in repeat_scores.items():
+            per_repeat[name].append(sum(values) / len(values))
+    bar.close()
+    summary = {}
+    for name, means in per_repeat.items():
+        mean, se = mean_stderr(means)
+        summary[name] = {"mean": mean, "stderr": se, "per_repeat": means}
+    report = {"label": settings.label or Path(settings.model).name, "settings": asdict(settings),
+              "num_prompts": n, "repeats": settings.repeats, "scores": summary}  # fmt: skip
+    _write_rows(out / "scores.csv", rows)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (out / "report.md").write_text(compare_table([report]) + "\n", encoding="utf-8")
+    return report
+
+
+def evaluate_tracked(settings: EvalSettings, output: str | os.PathLike[str]) -> dict[str, Any]:
+    """Evaluate inside an ``evaluate`` MLflow run; scores also go onto the registered version evaluated."""
+    import re
+
+    from mole import tracking
+
+    output = Path(output)
+
+    if not tracking.enabled():
+        return evaluate(settings, output)
+    with tracking.StageRun("evaluate") as run:
+        run.log_params({"evaluate": {k: v for k, v in settings.__dict__.items() if k != "scorer_config"}})
+        info = tracking.source_of(settings.model if "://" in settings.model else settings.gates or settings.model)
+        run.log_upstream("model", info.get("mlflow_run_id"), info.get("model_id"))
+        report = evaluate(settings, output)
+        for name, s in report["scores"].items():
+            run.log_metrics({name: s["mean"], f"{name}_stderr": s["stderr"]}, step=0)
+        for artifact in ("report.md", "report.json", "scores.csv"):
+            run.log_artifact(output / artifact, "evaluation")
+        m = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@(.+))", settings.model)
+        version = (
+            (m[1], m[2] or tracking.alias_version(m[1], m[3])) if m else (info.get("registered"), info.get("version"))
+        )
+        if version[0] and version[1]:
+            for name, s in report["scores"].items():
+                tracking.set_model_metric(version[0], version[1], name, s["mean"])
+    return report
+
+
+def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
+    p = Path(path)
+    p = p / "report.json" if p.is_dir() else p
+    if not p.is_file():
+        raise FileNotFoundError(f"no evaluation report at {p} (run `mole evaluate` first)")
+    return json.loads(p.read_text(encoding="utf-8"))
+
+
+def compare_table(reports: Sequence[Mapping[str, Any]], labels: Sequence[str] | None = None) -> str:
+    """A Markdown table, one row per run and one column per scorer: ``mean ± stderr`` (tables 1–3)."""
+    names: list[str] = []
+    for r in reports:
+        names += [n for n in r["scores"] if n not in names]
+    header = "| model | " + " | ".join(names) + " |\n|---|" + "---|" * len(names)
+    lines = [header]
+    for i, r in enumerate(reports):
+        label = labels[i] if labels else r.get("label", f"run {i}")
+        cells = []
+        for n in names:
+            s = r["scores"].get(n)
+            cells.append(f"{s['mean']:.3f} ± {s['stderr']:.3f}" if s else "–")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def compare_csv(reports: Sequence[Mapping[str, Any]], path: Path, labels: Sequence[str] | None = None) -> None:
+    names: list[str] = []
+    for r in reports:
+        names += [n for n in r["scores"] if n not in names]
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["model"] + [f"{n}_{k}" for n in names for k in ("mean", "stderr")])
+        for i, r in enumerate(reports):
+            label = labels[i] if labels else r.get("label", f"run {i}")
+            row = [label]
+            for n in names:
+                s = r["scores"].get(n)
+                row += [s["mean"], s["stderr"]] if s else ["", ""]
+            writer.writerow(row)
