@@ -1,0 +1,253 @@
+{{/*
+Expand the name of the chart.
+*/}}
+{{- define "mole.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Create a default fully qualified app name, cut at 52 characters so that a component suffix ("-mlflow",
+"-serve", "-pipeline-submit") still fits the 63-character limit of names and labels.
+If the release name contains the chart name it is used as the full name.
+*/}}
+{{- define "mole.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 52 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Create chart name and version as used by the chart label.
+*/}}
+{{- define "mole.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Common labels.
+*/}}
+{{- define "mole.labels" -}}
+helm.sh/chart: {{ include "mole.chart" . }}
+{{ include "mole.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: mole
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Selector labels.
+*/}}
+{{- define "mole.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "mole.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+Names and labels of the components.
+*/}}
+{{- define "mole.mlflow.fullname" -}}
+{{- printf "%s-mlflow" (include "mole.fullname" .) }}
+{{- end }}
+
+{{- define "mole.serve.fullname" -}}
+{{- printf "%s-serve" (include "mole.fullname" .) }}
+{{- end }}
+
+{{- define "mole.mlflow.selectorLabels" -}}
+{{ include "mole.selectorLabels" . }}
+app.kubernetes.io/component: mlflow
+{{- end }}
+
+{{- define "mole.serve.selectorLabels" -}}
+{{ include "mole.selectorLabels" . }}
+app.kubernetes.io/component: serve
+{{- end }}
+
+{{/*
+The name of the ServiceAccount to use.
+*/}}
+{{- define "mole.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "mole.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name must name an existing ServiceAccount when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Images.
+*/}}
+{{- define "mole.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "mole.mlflow.image" -}}
+{{- printf "%s:%s" .Values.mlflow.image.repository .Values.mlflow.image.tag }}
+{{- end }}
+
+{{/*
+The MLflow tracking URI the mole pods use.
+*/}}
+{{- define "mole.trackingUri" -}}
+{{- if .Values.tracking.uri }}
+{{- .Values.tracking.uri }}
+{{- else if .Values.mlflow.enabled }}
+{{- printf "http://%s.%s.svc:%d" (include "mole.mlflow.fullname" .) .Release.Namespace (int .Values.mlflow.service.port) }}
+{{- else }}
+{{- fail "tracking.uri must be set when mlflow.enabled is false: the generation service and the pipeline need an MLflow server" }}
+{{- end }}
+{{- end }}
+
+{{/*
+Environment of the mole pods that talk to MLflow: the URI, and the user from a Secret.
+*/}}
+{{- define "mole.trackingEnv" -}}
+- name: MLFLOW_TRACKING_URI
+  value: {{ include "mole.trackingUri" . | quote }}
+- name: MLFLOW_TRACKING_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.tracking.existingSecret.name | quote }}
+      key: {{ .Values.tracking.existingSecret.usernameKey | quote }}
+- name: MLFLOW_TRACKING_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.tracking.existingSecret.name | quote }}
+      key: {{ .Values.tracking.existingSecret.passwordKey | quote }}
+{{- end }}
+
+{{/*
+Host headers the MLflow server accepts: the Service's in-cluster names (with and without a port), the ingress
+host and the extra ones from values. MLflow matches the whole Host header, port included.
+*/}}
+{{- define "mole.mlflow.allowedHosts" -}}
+{{- $svc := include "mole.mlflow.fullname" . }}
+{{- $ns := .Release.Namespace }}
+{{- $hosts := list }}
+{{- range $name := list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.cluster.local" $svc $ns) }}
+{{- $hosts = append $hosts $name }}
+{{- $hosts = append $hosts (printf "%s:*" $name) }}
+{{- end }}
+{{- if .Values.mlflow.ingress.enabled }}
+{{- $hosts = append $hosts .Values.mlflow.ingress.host }}
+{{- end }}
+{{- range .Values.mlflow.allowedHosts }}
+{{- if eq . "*" }}
+{{- fail "mlflow.allowedHosts: \"*\" would switch off MLflow's Host header check; list the host names instead" }}
+{{- end }}
+{{- $hosts = append $hosts . }}
+{{- end }}
+{{- join "," $hosts }}
+{{- end }}
+
+{{/*
+The MLflow backend store URI. PostgreSQL credentials are never part of it: libpq reads PGUSER / PGPASSWORD.
+*/}}
+{{- define "mole.mlflow.postgresUri" -}}
+{{- $pg := .root.Values.mlflow.backendStore.postgres }}
+{{- printf "postgresql://%s:%d/%s?sslmode=%s" $pg.host (int $pg.port) .database $pg.sslmode }}
+{{- end }}
+
+{{- define "mole.mlflow.backendStoreUri" -}}
+{{- if eq .Values.mlflow.backendStore.type "postgres" }}
+{{- include "mole.mlflow.postgresUri" (dict "root" . "database" .Values.mlflow.backendStore.postgres.database) }}
+{{- else }}
+{{- print "sqlite:////mlflow/data/mlflow.db" }}
+{{- end }}
+{{- end }}
+
+{{- define "mole.mlflow.authDatabaseUri" -}}
+{{- if eq .Values.mlflow.backendStore.type "postgres" }}
+{{- $pg := .Values.mlflow.backendStore.postgres }}
+{{- include "mole.mlflow.postgresUri" (dict "root" . "database" (default $pg.database $pg.authDatabase)) }}
+{{- else }}
+{{- print "sqlite:////mlflow/data/basic_auth.db" }}
+{{- end }}
+{{- end }}
+
+{{- define "mole.mlflow.artifactsDestination" -}}
+{{- if .Values.mlflow.artifacts.s3.enabled }}
+{{- $s3 := .Values.mlflow.artifacts.s3 }}
+{{- printf "s3://%s/%s" $s3.bucket $s3.prefix | trimSuffix "/" }}
+{{- else }}
+{{- print "/mlflow/artifacts" }}
+{{- end }}
+{{- end }}
+
+{{/*
+Cross-field checks the schema cannot express; each failure names the values to set.
+*/}}
+{{- define "mole.validate" -}}
+{{- if not .Values.tracking.existingSecret.name }}
+{{- fail "tracking.existingSecret.name must name the Secret with the MLflow user of the mole pods" }}
+{{- end }}
+{{- $m := .Values.mlflow }}
+{{- if $m.enabled }}
+{{- if not $m.auth.existingSecret.name }}
+{{- fail "mlflow.auth.existingSecret.name must name the Secret with the MLflow admin user and Flask secret key (the chart creates no passwords)" }}
+{{- end }}
+{{- if eq $m.backendStore.type "postgres" }}
+{{- if not $m.backendStore.postgres.host }}
+{{- fail "mlflow.backendStore.postgres.host must be set when mlflow.backendStore.type is postgres" }}
+{{- end }}
+{{- if not $m.backendStore.postgres.existingSecret.name }}
+{{- fail "mlflow.backendStore.postgres.existingSecret.name must name the Secret with the PostgreSQL credentials" }}
+{{- end }}
+{{- else if not $m.persistence.enabled }}
+{{- fail "mlflow.persistence.enabled must be true with the sqlite backend store (or set mlflow.backendStore.type=postgres)" }}
+{{- end }}
+{{- if $m.artifacts.s3.enabled }}
+{{- if not $m.artifacts.s3.bucket }}
+{{- fail "mlflow.artifacts.s3.bucket must be set when mlflow.artifacts.s3.enabled is true" }}
+{{- end }}
+{{- if not $m.artifacts.s3.existingSecret.name }}
+{{- fail "mlflow.artifacts.s3.existingSecret.name must name the Secret with the S3 access key pair" }}
+{{- end }}
+{{- else if not $m.persistence.enabled }}
+{{- fail "mlflow.persistence.enabled must be true with local artifacts (or set mlflow.artifacts.s3.enabled=true)" }}
+{{- end }}
+{{- if and (gt (int $m.replicaCount) 1) (or (ne $m.backendStore.type "postgres") (not $m.artifacts.s3.enabled)) }}
+{{- fail "mlflow.replicaCount > 1 needs mlflow.backendStore.type=postgres and mlflow.artifacts.s3.enabled=true (sqlite and the artifact volume are single-writer)" }}
+{{- end }}
+{{- if and $m.ingress.enabled (not $m.ingress.host) }}
+{{- fail "mlflow.ingress.host must be set when mlflow.ingress.enabled is true" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The pipeline parameters the submit Job passes: what this release knows (image, namespace, the names of the
+workspace claim, ConfigMap and Secrets, the GPU pool), overridden by pipelineSubmit.parameters.
+*/}}
+{{- define "mole.pipelineParameters" -}}
+{{- $params := dict
+  "image" (include "mole.image" .)
+  "namespace" .Release.Namespace
+  "workspace_pvc" .Values.pipeline.workspace.name
+  "config_map" .Values.pipeline.configMap.name
+  "mlflow_secret" .Values.tracking.existingSecret.name
+  "s3_secret" .Values.pipeline.s3SecretName
+  "tolerations" .Values.gpuPool.tolerations
+}}
+{{- with .Values.gpuPool.nodeSelector }}
+{{- $_ := set $params "node_selector" . }}
+{{- end }}
+{{- $params = merge (deepCopy .Values.pipelineSubmit.parameters) $params }}
+{{- range $name, $value := $params }}
+{{- if or (kindIs "map" $value) (kindIs "slice" $value) }}
+- {{ printf "%s=%s" $name (toJson $value) | quote }}
+{{- else }}
+- {{ printf "%s=%v" $name $value | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
