@@ -1,0 +1,28 @@
+"""Evaluation of the candidate and its promotion to champion."""
+
+from kfp import dsl
+
+from components.constants import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def evaluate_op(
+    model: str, base_model: str, experts: list, prompts: str, workdir: str, scorers: str, scorer_config: str,
+    num_prompts: int, repeats: int, steps: int, parent_run_id: str, tracking_uri: str, experiment: str,
+) -> str:  # fmt: skip
+    """Returns the report (mean ± standard error per scorer) as JSON."""
+    from mole.pipeline import steps as mole_steps
+
+    return mole_steps.evaluate(
+        # Tracking off: `model` is the gates file and base + experts + gates are evaluated.
+        model, base_model, experts, model, prompts, workdir, scorers=scorers, scorer_config=scorer_config,
+        num_prompts=num_prompts, repeats=repeats, steps=steps, parent_run_id=parent_run_id,
+        tracking_uri=tracking_uri, experiment=experiment,
+    )  # fmt: skip
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def promote_op(metric: str, report: str, model: str, tracking_uri: str, experiment: str) -> str:
+    from mole.pipeline import steps
+
+    return steps.promote(metric, report, model, tracking_uri, experiment)

@@ -1,0 +1,190 @@
+"""The MoLE workflow as a Kubeflow Pipelines v2 pipeline.
+
+    start -> data (scenes ∥ faces ∥ hands) -> stage 1 -> (expert face ∥ expert hand ∥ ...) -> gates
+          -> evaluate -> promote;  exit handler: finish (the parent MLflow run FINISHED or FAILED)
+
+Compile with ``mole pipeline compile`` or the kfp CLI (``kfp dsl compile --py pipelines/mole_pipeline.py
+--function mole_pipeline --output pipelines/mole_pipeline.yaml``); the compiled YAML is committed and a test fails
+when it drifts. No ``from __future__ import annotations`` here: kfp reads the real parameter types. Experts are
+fixed at compile time (one parallel task each): ``build_pipeline({"face": "faces", ...})``, or
+``mole pipeline compile --expert face=faces --expert hand=hands --expert feet=feet``.
+
+Placement (kfp-kubernetes): the GPU steps request ``gpus`` × ``nvidia.com/gpu`` and land on the A100 pool through
+``node_selector`` and ``tolerations`` (JSON parameters), with a memory-backed ``/dev/shm``; every step mounts the
+shared workspace PVC, reads S3 and MLflow credentials from Kubernetes Secrets and endpoints from a ConfigMap.
+"""
+
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from kfp import dsl, kubernetes
+
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # `components` lives beside `pipelines`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from components import data_op, evaluate_op, expert_op, finish_op, gates_op, promote_op, stage1_op, start_op
+from components.constants import IMAGE
+
+#: Expert name -> the close-up data kind it trains on (the paper's two experts).
+DEFAULT_EXPERTS: dict[str, str] = {"face": "faces", "hand": "hands"}
+#: Where the workspace PVC is mounted in every step (the ``workspace`` parameter must point inside it on a cluster).
+WORKSPACE_MOUNT = "/workspace"
+#: A100 nodes as NVIDIA's GPU feature discovery labels them; GKE users give cloud.google.com/gke-accelerator.
+A100_SELECTOR = {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
+GPU_TOLERATIONS = [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]  # keys sorted
+SHM_SIZE = "16Gi"
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
+MLFLOW_KEYS = {
+    "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
+}
+ENDPOINT_KEYS = {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL": "MLFLOW_S3_ENDPOINT_URL",
+                 "AWS_ENDPOINT_URL_S3": "AWS_ENDPOINT_URL_S3"}  # fmt: skip
+
+
+def _common(task: dsl.PipelineTask, p: dict, *, cpu: str = "2", memory: str = "8Gi") -> dsl.PipelineTask:
+    """What every step gets: the image, the workspace, credentials from Secrets, endpoints from a ConfigMap."""
+    task.set_container_image(p["image"])
+    task.set_cpu_request(cpu).set_memory_request(memory)
+    kubernetes.mount_pvc(task, pvc_name=p["workspace_pvc"], mount_path=WORKSPACE_MOUNT)
+    kubernetes.use_secret_as_env(task, secret_name=p["s3_secret"], secret_key_to_env=S3_KEYS, optional=True)
+    kubernetes.use_secret_as_env(task, secret_name=p["mlflow_secret"], secret_key_to_env=MLFLOW_KEYS, optional=True)
+    kubernetes.use_config_map_as_env(task, config_map_name=p["config_map"], config_map_key_to_env=ENDPOINT_KEYS,
+                                     optional=True)  # fmt: skip
+    return task
+
+
+def _gpu(task: dsl.PipelineTask, p: dict) -> dsl.PipelineTask:
+    """A GPU step on the A100 pool."""
+    _common(task, p, cpu=p["gpu_cpu"], memory=p["gpu_memory"])
+    task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(p["gpus"])
+    kubernetes.add_node_selector_json(task, p["node_selector"])
+    kubernetes.add_toleration_json(task, p["tolerations"])
+    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=SHM_SIZE)
+    return task
+
+
+def _io_retry(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    return task.set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0, backoff_max_duration="600s")
+
+
+def build_pipeline(
+    experts: Mapping[str, str] | None = None, name: str = "mole", gpu_cpu: str = "8", gpu_memory: str = "64Gi"
+):
+    """The pipeline function, with one parallel expert task per ``experts`` entry (expert name -> data kind).
+
+    The CPU and memory requests of the GPU steps are fixed at compile time: kfp 2.17 does not carry a parameter
+    used only in a resource request into nested DAGs (the exit handler, dsl.If), so as parameters they would not
+    resolve.
+    """
+    experts = dict(experts or DEFAULT_EXPERTS)
+    kinds = ["scenes", *dict.fromkeys(experts.values())]
+
+    @dsl.pipeline(name=name, description="MoLE: stage 1 fine-tune, low-rank experts, soft gates; evaluate; promote.")
+    def mole_pipeline(
+        config: str = "configs/paper.yaml",
+        base_model: str = "",
+        data_source: str = "curate",
+        raw_inputs: dict = {"faces": "", "hands": "", "scenes": ""},  # noqa: B006 - sorted: kfp sorts some dumps
+        curate_config: str = "configs/curate.yaml",
+        synthetic_count: int = 64,
+        data_root: str = "",
+        stage1_max_steps: int = 0,
+        stage1_launcher: str = "local",
+        stage1_nodes: int = 1,
+        stage1_timeout_s: int = 7 * 24 * 3600,
+        expert_max_steps: int = 0,
+        gates_max_steps: int = 0,
+        gate: str = "both",
+        prompts: str = "",
+        scorers: str = "hps_v1,imagereward",
+        scorer_config: str = "{}",
+        num_prompts: int = 3000,
+        repeats: int = 3,
+        eval_steps: int = 25,
+        promote_metric: str = "hps_v1",
+        image: str = IMAGE,
+        namespace: str = "kubeflow",
+        workspace: str = WORKSPACE_MOUNT,
+        workspace_pvc: str = "mole-workspace",
+        gpus: int = 1,
+        node_selector: dict = A100_SELECTOR,
+        tolerations: list = GPU_TOLERATIONS,
+        s3_secret: str = "mole-s3",
+        mlflow_secret: str = "mole-mlflow",
+        config_map: str = "mole-config",
+        tracking_uri: str = "",
+        experiment: str = "mole",
+    ) -> None:
+        p = {"image": image, "workspace_pvc": workspace_pvc, "s3_secret": s3_secret, "mlflow_secret": mlflow_secret,
+             "config_map": config_map, "gpus": gpus, "gpu_cpu": gpu_cpu, "gpu_memory": gpu_memory,
+             "node_selector": node_selector, "tolerations": tolerations}  # fmt: skip
+        track = {"tracking_uri": tracking_uri, "experiment": experiment}
+        job_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        finish = _io_retry(_common(finish_op(job_id=job_id, **track), p)).set_caching_options(False)
+        finish.set_display_name("finish")
+        with dsl.ExitHandler(finish, name="mole"):
+            params = {"config": config, "base_model": base_model, "data_source": data_source, "gate": gate,
+                      "stage1_max_steps": stage1_max_steps, "expert_max_steps": expert_max_steps,
+                      "gates_max_steps": gates_max_steps, "scorers": scorers, "num_prompts": num_prompts,
+                      "repeats": repeats, "image": image}  # fmt: skip
+            start = start_op(workspace=workspace, job_id=job_id, job_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+                             base_model=base_model, prompts=prompts, scorer_config=scorer_config, params=params,
+                             **track)  # fmt: skip
+            _io_retry(_common(start, p)).set_caching_options(False).set_display_name("start")
+            run = {"parent_run_id": start.outputs["parent_run_id"], **track}
+            workdir, base = start.outputs["workdir"], start.outputs["base_model"]
+            data = {}
+            for kind in kinds:
+                task = data_op(kind=kind, workdir=workdir, source=data_source, raw_inputs=raw_inputs,
+                               curate_config=curate_config, count=synthetic_count, data_root=data_root,
+                               **run)  # fmt: skip
+                _io_retry(_common(task, p, cpu="8", memory="32Gi")).set_display_name(f"data-{kind}")
+                data[kind] = task.output
+
+            with dsl.If(stage1_launcher == "local", name="stage1-in-pod"):
+                local = stage1_op(config=config, data=data["scenes"], base_model=base, workdir=workdir,
+                                  max_steps=stage1_max_steps, launcher=stage1_launcher, gpus=gpus, nodes=1,
+                                  job_id=job_id, namespace=namespace, image=image, node_selector=node_selector,
+                                  tolerations=tolerations, workspace_pvc=workspace_pvc, workspace=workspace,
+                                  timeout_s=stage1_timeout_s, s3_secret=s3_secret, mlflow_secret=mlflow_secret,
+                                  **run)  # fmt: skip
+                _gpu(local, p).set_caching_options(False).set_display_name("stage1")
+            with dsl.Else(name="stage1-multi-node"):
+                # This pod only launches and follows the TrainJob / PyTorchJob: no GPU of its own.
+                launcher = stage1_op(config=config, data=data["scenes"], base_model=base, workdir=workdir,
+                                     max_steps=stage1_max_steps, launcher=stage1_launcher, gpus=gpus,
+                                     nodes=stage1_nodes, job_id=job_id, namespace=namespace, image=image,
+                                     node_selector=node_selector, tolerations=tolerations,
+                                     workspace_pvc=workspace_pvc, workspace=workspace, timeout_s=stage1_timeout_s,
+                                     s3_secret=s3_secret, mlflow_secret=mlflow_secret, **run)  # fmt: skip
+                _common(launcher, p, cpu="1", memory="2Gi").set_caching_options(False)
+                launcher.set_display_name("stage1-launch-trainjob")
+            stage1 = dsl.OneOf(local.output, launcher.output)
+
+            expert_specs = []
+            for name_, kind in experts.items():
+                task = expert_op(name=name_, config=config, data=data[kind], base_model=stage1, workdir=workdir,
+                                 max_steps=expert_max_steps, gpus=gpus, **run)  # fmt: skip
+                _gpu(task, p).set_caching_options(False).set_display_name(f"expert-{name_}")
+                expert_specs.append(task.output)
+
+            gates = gates_op(config=config, data=data["scenes"], base_model=stage1, experts=expert_specs, gate=gate,
+                             workdir=workdir, max_steps=gates_max_steps, gpus=gpus, **run)  # fmt: skip
+            _gpu(gates, p).set_caching_options(False).set_display_name("gates")
+
+            evaluation = evaluate_op(model=gates.output, base_model=stage1, experts=expert_specs,
+                                     prompts=start.outputs["prompts"], workdir=workdir, scorers=scorers,
+                                     scorer_config=start.outputs["scorer_config"], num_prompts=num_prompts,
+                                     repeats=repeats, steps=eval_steps, **run)  # fmt: skip
+            _io_retry(_gpu(evaluation, p)).set_caching_options(False).set_display_name("evaluate")
+
+            promote = promote_op(metric=promote_metric, report=evaluation.output, model=gates.output, **track)
+            _io_retry(_common(promote, p, cpu="1", memory="2Gi")).set_caching_options(False)
+            promote.set_display_name("promote")
+
+    return mole_pipeline
+
+
+mole_pipeline = build_pipeline()

@@ -1,0 +1,178 @@
+"""Compile the pipeline, run it locally on the embedded default, submit it to a Kubeflow Pipelines endpoint."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+#: The embedded default: tiny model, synthetic data, CLIP score with a tiny CLIP, everything on CPU in minutes.
+EMBEDDED_PARAMS: dict[str, Any] = {
+    "config": "configs/tiny.yaml", "base_model": "tiny", "data_source": "synthetic", "synthetic_count": 32,
+    "scorers": "clip", "num_prompts": 8, "repeats": 3, "eval_steps": 4, "promote_metric": "clip", "gpus": 1,
+}  # fmt: skip
+
+
+def repo_root() -> Path:
+    """The checkout holding ``pipelines/`` and ``components/``: ``MOLE_HOME``, the working folder, or the
+    folder this package was installed from in editable mode."""
+    candidates = [Path(os.environ["MOLE_HOME"])] if os.environ.get("MOLE_HOME") else []
+    candidates += [Path.cwd(), Path(__file__).resolve().parents[3]]
+    for root in candidates:
+        if (root / "pipelines" / "mole_pipeline.py").is_file() and (root / "components").is_dir():
+            return root
+    raise FileNotFoundError("pipelines/mole_pipeline.py not found: run from the mole checkout or set MOLE_HOME")
+
+
+def pipeline_module():
+    """Import ``pipelines/mole_pipeline.py`` from the checkout."""
+    path = repo_root() / "pipelines" / "mole_pipeline.py"
+    spec = importlib.util.spec_from_file_location("mole_pipeline_def", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse_experts(specs: Sequence[str] | None) -> dict[str, str] | None:
+    """``["face=faces", "feet"]`` -> ``{"face": "faces", "feet": "feet"}`` (the data kind defaults to the
+    name's plural as the synthetic and curated kinds spell it)."""
+    if not specs:
+        return None
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, _, kind = spec.partition("=")
+        if not name:
+            raise ValueError(f"expert spec {spec!r} needs a name (NAME or NAME=DATA_KIND)")
+        out[name] = kind or {"face": "faces", "hand": "hands", "foot": "feet"}.get(name, name)
+    return out
+
+
+def compile_pipeline(output: str | os.PathLike[str], experts: Mapping[str, str] | None = None) -> Path:
+    """Compile to YAML. The image is ``components.constants.IMAGE`` (``MOLE_IMAGE`` overrides it)."""
+    from kfp import compiler
+
+    module = pipeline_module()
+    func = module.build_pipeline(experts) if experts else module.mole_pipeline
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(func, str(output))
+    output.write_text(stable_header(output.read_text(encoding="utf-8")), encoding="utf-8")
+    return output
+
+
+def stable_header(text: str) -> str:
+    """kfp's header comment prints dict defaults in protobuf map order, which changes with Python's hash seed;
+    print them with sorted keys so that the committed YAML is reproducible. Only ``#`` lines change."""
+    import ast
+
+    def ordered(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: ordered(value[k]) for k in sorted(value)}
+        if isinstance(value, list):
+            return [ordered(v) for v in value]
+        return value
+
+    lines = []
+    for line in text.splitlines(keepends=True):
+        head, sep, rest = line.partition("[Default: ")
+        if line.startswith("#") and sep and rest.rstrip().endswith("]"):
+            try:
+                value = ast.literal_eval(rest.rstrip()[:-1])
+            except (ValueError, SyntaxError):
+                lines.append(line)
+                continue
+            line = f"{head}{sep}{ordered(value)!r}]\n"
+        lines.append(line)
+    return "".join(lines)
+
+
+def pipeline_parameters(package: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """The compiled pipeline's parameters: name -> ``{"parameterType": ..., "defaultValue": ...}``."""
+    import yaml
+
+    spec = next(yaml.safe_load_all(Path(package).read_text(encoding="utf-8")))  # then the platform spec
+    return dict(spec["root"]["inputDefinitions"]["parameters"])
+
+
+def parse_params(pairs: Sequence[str], declared: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """``key=value`` pairs typed by the pipeline's declared parameters (JSON for dicts and lists).
+
+    Raises:
+        ValueError: Unknown parameter, or a value that is not of its type (the message names both).
+    """
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise ValueError(f"parameter {pair!r} is not KEY=VALUE")
+        if key not in declared:
+            raise ValueError(f"unknown pipeline parameter {key!r}; the pipeline takes: {', '.join(sorted(declared))}")
+        kind = declared[key].get("parameterType", "STRING")
+        try:
+            if kind == "NUMBER_INTEGER":
+                value: Any = int(raw)
+            elif kind == "NUMBER_DOUBLE":
+                value = float(raw)
+            elif kind == "BOOLEAN":
+                if raw.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError("expected true or false")
+                value = raw.lower() in ("true", "1")
+            elif kind in ("STRUCT", "LIST"):
+                value = json.loads(raw)
+                if not isinstance(value, dict if kind == "STRUCT" else list):
+                    raise ValueError(f"expected a JSON {'object' if kind == 'STRUCT' else 'array'}")
+            else:
+                value = raw
+        except ValueError as err:
+            raise ValueError(f"pipeline parameter {key}={raw!r}: {err} ({kind})") from None
+        out[key] = value
+    return out
+
+
+def run_local(
+    workspace: str | os.PathLike[str], params: Mapping[str, Any] | None = None,
+    experts: Mapping[str, str] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Run the whole DAG here with kfp's local SubprocessRunner (every step a subprocess of this Python, the
+    parallel branches one after the other), on the embedded default unless ``params`` say otherwise.
+
+    Returns:
+        ``{"seconds", "workspace", "params", "outputs"}`` where outputs holds the promote step's message.
+    """
+    from kfp import local
+
+    module = pipeline_module()
+    func = module.build_pipeline(experts) if experts else module.mole_pipeline
+    workspace = Path(workspace).resolve()
+    workspace.mkdir(parents=True, exist_ok=True)
+    args = {**EMBEDDED_PARAMS, "workspace": str(workspace), **dict(params or {})}
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workspace / "kfp"))
+    started = time.monotonic()
+    func(**args)
+    seconds = time.monotonic() - started
+    return {"seconds": seconds, "workspace": str(workspace), "params": args}
+
+
+def submit(
+    host: str, package: str | os.PathLike[str], params: Mapping[str, Any], *, experiment: str = "mole",
+    run_name: str | None = None, namespace: str | None = None,
+) -> str:  # fmt: skip
+    """Submit the compiled pipeline to a KFP API endpoint; returns the run id. A bearer token, when the endpoint
+    needs one, comes only from ``KFP_TOKEN`` (or the in-cluster service-account token kfp finds itself)."""
+    import kfp
+
+    client = kfp.Client(
+        host=host, existing_token=os.environ.get("KFP_TOKEN") or None, namespace=namespace or "kubeflow"
+    )
+    run = client.create_run_from_pipeline_package(
+        str(package), arguments=dict(params), experiment_name=experiment, run_name=run_name, namespace=namespace,
+    )  # fmt: skip
+    return run.run_id

@@ -1,0 +1,288 @@
+"""The pipeline's steps: what each Kubeflow component calls, with plain, JSON-able arguments and results.
+
+Every step is idempotent under a retry: a stage resumes from its checkpoints (``--resume latest``), a dataset that
+is already complete is kept, the parent run is found again by its job id. Steps share a working folder
+(``<workspace>/runs/<job id>``: a ReadWriteMany PVC on a cluster, a local folder in ``mole pipeline run-local``)
+and hand models to each other as registry URIs (``models:/mole-stage1/3``) when tracking is on, else as paths.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+#: Human-centric prompts for the embedded default's evaluation (faces, hands, people).
+EMBEDDED_PROMPTS = [
+    "a close-up photo of a smiling woman", "a close-up photo of an old man with a beard", "a portrait of a girl",
+    "a hand making a fist", "a close-up photo of a hand waving", "a boy raising his hand",
+    "two people standing in a park", "a man and a woman walking in a street",
+]  # fmt: skip
+
+
+def _tracking(tracking_uri: str = "", experiment: str = "", parent_run_id: str = "") -> None:
+    """Point this process's tracking at the pipeline's server, experiment and parent run."""
+    if tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    if experiment:
+        os.environ["MLFLOW_EXPERIMENT_NAME"] = experiment
+    if parent_run_id:
+        os.environ["MOLE_PARENT_RUN_ID"] = parent_run_id
+
+
+def _resolve_config(config: str) -> Path:
+    """A config path as given, else relative to ``MOLE_HOME`` (the image's /opt/mole), else to the checkout."""
+    for root in (Path.cwd(), Path(os.environ.get("MOLE_HOME", "/opt/mole")), Path(__file__).resolve().parents[3]):
+        candidate = root / config
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"config {config!r} not found (looked in the working folder, $MOLE_HOME and the checkout)")
+
+
+def start(
+    workspace: str, job_id: str, job_name: str, base_model: str, prompts: str, scorer_config: str,
+    params: dict[str, Any], tracking_uri: str = "", experiment: str = "",
+) -> dict[str, str]:  # fmt: skip
+    """Open the pipeline: its working folder, its MLflow parent run and, for ``base_model == "tiny"``, the embedded
+    default (tiny SD model, tiny CLIP scorer, a prompt file).
+
+    Returns:
+        ``parent_run_id`` ("" with tracking off), ``workdir``, ``base_model``, ``prompts``, ``scorer_config``.
+    """
+    from mole import tracking
+
+    _tracking(tracking_uri, experiment)
+    workdir = Path(workspace) / "runs" / job_id
+    workdir.mkdir(parents=True, exist_ok=True)
+    parent = tracking.start_pipeline_run(job_id, job_name, params) if tracking.enabled() else ""
+    if base_model == "tiny":
+        from mole.tiny import init_tiny_clip, init_tiny_model
+
+        base_model = str(init_tiny_model(workdir / "embedded" / "model", overwrite=True))
+        clip = init_tiny_clip(workdir / "embedded" / "clip", overwrite=True)
+        conf = json.loads(scorer_config or "{}")
+        conf.setdefault("clip", {}).setdefault("model", str(clip))
+        scorer_config = json.dumps(conf)
+        if not prompts:
+            prompts = str(workdir / "embedded" / "prompts.txt")
+            Path(prompts).write_text("\n".join(EMBEDDED_PROMPTS) + "\n", encoding="utf-8")
+    logger.info("pipeline job %s: workdir %s, parent run %s", job_id, workdir, parent or "(tracking off)")
+    return {"parent_run_id": parent, "workdir": str(workdir), "base_model": base_model, "prompts": prompts,
+            "scorer_config": scorer_config or "{}"}  # fmt: skip
+
+
+def data(
+    kind: str, workdir: str, source: str, raw_inputs: dict[str, str], curate_config: str = "", count: int = 64,
+    seed: int = 0, data_root: str = "", parent_run_id: str = "", tracking_uri: str = "", experiment: str = "",
+) -> str:  # fmt: skip
+    """One dataset: ``source == "synthetic"`` draws the embedded default's data, ``"curate"`` curates
+    ``raw_inputs[kind]`` (a folder or ``s3://`` prefix). Returns the dataset's URI.
+
+    Synthetic data still gets a ``curate:<kind>`` run, so that the lineage of every model reaches its data.
+    """
+    from mole import tracking
+    from mole.data.shards import read_index
+
+    _tracking(tracking_uri, experiment, parent_run_id)
+    output = f"{data_root.rstrip('/')}/{kind}" if data_root else str(Path(workdir) / "data" / kind)
+    if source == "synthetic":
+        from mole.data.synthetic import write_dataset
+
+        if "://" not in output and (Path(output) / "dataset.json").is_file():
+            return output  # a retried step: the dataset is complete (dataset.json is written last)
+        run = tracking.StageRun(f"curate:{kind}") if tracking.enabled() else None
+        with run if run is not None else _null():
+            extra = {"mlflow_run_id": run.run_id} if run else {}
+            index = write_dataset(output, kind, count, seed=seed, overwrite=True, extra_meta=extra)
+            if run is not None:
+                run.log_params({"kind": kind, "source": "synthetic", "count": count, "seed": seed, "output": output})
+                run.log_dataset(output, index.name, index.digest, context="output")
+        return output
+    if source != "curate":
+        raise ValueError(f"data source must be 'synthetic' or 'curate', got {source!r}")
+    raw = (raw_inputs or {}).get(kind)
+    if not raw:
+        raise ValueError(f"no raw input for {kind!r}: set raw_inputs={{'{kind}': 's3://...'}}")
+    import yaml
+
+    from mole.data.curate import CurateConfig, curate_tracked
+    from mole.storage import localize
+
+    tree = yaml.safe_load(_resolve_config(curate_config).read_text(encoding="utf-8")) if curate_config else {}
+    local_in = localize(raw, Path(workdir) / ".cache" / "raw" / kind)
+    if "://" not in output and (Path(output) / "dataset.json").is_file() and read_index(output).num_samples:
+        return output
+    curate_tracked(kind, raw, output, local_in, CurateConfig.model_validate(tree or {}))
+    return output
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _model_of(out: Path, fallback: Path) -> str:
+    """What the next stage should load: the registry URI when the stage registered one, else the local path."""
+    result = json.loads((out / "result.json").read_text(encoding="utf-8"))
+    return str(result.get("model_uri") or fallback)
+
+
+def train(
+    stage: str, config: str, data: str, base_model: str, workdir: str, *, expert: str = "",
+    experts: list[str] | None = None, gate: str = "", max_steps: int = 0, processes: int = 1,
+    parent_run_id: str = "", tracking_uri: str = "", experiment: str = "",
+) -> str:  # fmt: skip
+    """Train one stage in this pod: in-process for one process, under ``accelerate launch`` with DeepSpeed ZeRO-2
+    across ``processes`` GPUs otherwise. Returns the model URI (or path) for the next stage.
+
+    ``experts`` are ``NAME=URI`` strings (the expert steps' results).
+    """
+    _tracking(tracking_uri, experiment, parent_run_id)
+    out = Path(workdir) / (f"expert-{expert}" if stage == "expert" else stage)
+    args = mole_train_args(stage, config, data, base_model, out, expert=expert, experts=experts, gate=gate,
+                           max_steps=max_steps)  # fmt: skip
+    if processes > 1:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(_resolve_config("configs/accelerate/zero2.yaml")), "--num_processes", str(processes),
+               "-m", "mole", *args]  # fmt: skip
+        logger.info("running %s", " ".join(cmd))
+        subprocess.run(cmd, check=True)
+    else:
+        from mole.train import load_config, train_stage
+
+        train_stage(
+            stage, load_config(_resolve_config(config), {}), output=out, data=data, base=base_model or None,
+            max_steps=max_steps or None, resume="latest", expert_name=expert or None,
+            experts=dict(e.split("=", 1) for e in experts) if experts else None, gate=gate or None,
+        )  # fmt: skip
+    fallback = out / "model" if stage == "stage1" else out
+    if stage == "gates":
+        fallback = out / "gates.safetensors"
+    return _model_of(out, fallback)
+
+
+def mole_train_args(
+    stage: str, config: str, data: str, base_model: str, out: Path, *, expert: str = "",
+    experts: list[str] | None = None, gate: str = "", max_steps: int = 0,
+) -> list[str]:  # fmt: skip
+    """The ``mole train ...`` arguments of a stage (shared by the in-pod and the multi-node launch)."""
+    args = ["train", stage, "--config", str(_resolve_config(config)), "--data", data, "--output", str(out),
+            "--resume", "latest"]  # fmt: skip
+    if base_model:
+        args += ["--base", base_model]
+    if stage == "expert":
+        args += ["--name", expert]
+    for spec in experts or []:
+        args += ["--experts", spec]
+    if gate:
+        args += ["--gate", gate]
+    if max_steps:
+        args += ["--max-steps", str(max_steps)]
+    return args
+
+
+def stage1_distributed(
+    config: str, data: str, base_model: str, workdir: str, *, flavour: str, job_name: str, namespace: str,
+    image: str, nodes: int, gpus_per_node: int, node_selector: dict[str, str], tolerations: list[dict[str, Any]],
+    pvc: str, mount_path: str, max_steps: int = 0, timeout_s: float = 7 * 24 * 3600, parent_run_id: str = "",
+    tracking_uri: str = "", experiment: str = "", s3_secret: str = "", mlflow_secret: str = "",
+) -> str:  # fmt: skip
+    """Stage 1 on ``nodes`` × ``gpus_per_node`` GPUs as a TrainJob / PyTorchJob (see :mod:`mole.pipeline.trainjob`);
+    waits for it and returns the stage-1 model URI from the shared workspace."""
+    from mole.pipeline.trainjob import DistributedSpec, run_distributed
+
+    out = Path(workdir) / "stage1"
+    env = {"MOLE_PARENT_RUN_ID": parent_run_id, "MLFLOW_EXPERIMENT_NAME": experiment or "mole",
+           "TORCH_EXTENSIONS_DIR": f"{mount_path}/.cache/torch_extensions"}  # fmt: skip
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    secret_env = {}
+    if s3_secret:
+        secret_env[s3_secret] = {
+            "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+        }
+    if mlflow_secret:
+        secret_env[mlflow_secret] = {"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+                                     "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"}  # fmt: skip
+    spec = DistributedSpec(
+        name=job_name, namespace=namespace, image=image, nodes=nodes, gpus_per_node=gpus_per_node,
+        mole_args=mole_train_args("stage1", config, data, base_model, out, max_steps=max_steps),
+        node_selector=node_selector or {}, tolerations=tolerations or [], env=env, secret_env=secret_env,
+        pvc=pvc or None, mount_path=mount_path,
+    )  # fmt: skip
+    if flavour not in ("trainjob", "pytorchjob"):
+        raise ValueError(f"stage-1 launcher must be local, trainjob or pytorchjob, got {flavour!r}")
+    run_distributed(spec, flavour, timeout_s=timeout_s)  # type: ignore[arg-type]
+    if not (out / "result.json").is_file():
+        raise RuntimeError(f"the distributed stage 1 finished but left no {out / 'result.json'}: is {mount_path} "
+                           "the same ReadWriteMany volume in the job's pods and in this step?")  # fmt: skip
+    return _model_of(out, out / "model")
+
+
+def evaluate(
+    model: str, base_model: str, experts: list[str], gates: str, prompts: str, workdir: str, *, scorers: str,
+    scorer_config: str, num_prompts: int, repeats: int, steps: int, seed: int = 0, parent_run_id: str = "",
+    tracking_uri: str = "", experiment: str = "",
+) -> str:  # fmt: skip
+    """Evaluate the MoLE model (the registered version when ``model`` is a ``models:/`` URI, else base + experts +
+    gates); scores go onto the version for promotion. Returns the report as JSON."""
+    from mole.evaluate.runner import EvalSettings, evaluate_tracked
+    from mole.storage import localize
+
+    _tracking(tracking_uri, experiment, parent_run_id)
+    if prompts.startswith("s3://"):
+        folder = localize(prompts.rsplit("/", 1)[0], Path(workdir) / ".cache" / "prompts")
+        prompts = str(folder / prompts.rsplit("/", 1)[1])
+    registered = model.startswith("models:/")
+    settings = EvalSettings(
+        model=model if registered else base_model,
+        experts={} if registered else dict(e.split("=", 1) for e in experts), gates=None if registered else gates,
+        prompts=prompts, num_prompts=num_prompts, repeats=repeats, seed=seed, steps=steps,
+        scorers=[s.strip() for s in scorers.split(",") if s.strip()], scorer_config=json.loads(scorer_config or "{}"),
+        label="mole",
+    )  # fmt: skip
+    report = evaluate_tracked(settings, Path(workdir) / "evaluate")
+    return json.dumps({k: report[k] for k in ("label", "num_prompts", "repeats", "scores")})
+
+
+def promote(metric: str, report: str, model: str, tracking_uri: str = "", experiment: str = "") -> str:
+    """Move ``mole@champion`` to the evaluated candidate when it beats the champion. Returns what happened."""
+    from mole import tracking
+
+    _tracking(tracking_uri, experiment)
+    scores = json.loads(report)["scores"]
+    metric = metric or next(iter(scores))
+    if metric not in scores:
+        raise ValueError(f"promotion metric {metric!r} was not evaluated (scores: {sorted(scores)})")
+    if not tracking.enabled() or not model.startswith("models:/"):
+        why = f"tracking is off: nothing registered to promote ({metric}={scores[metric]['mean']:.4f})"
+        logger.info(why)
+        return why
+    _moved, why = tracking.promote(metric)
+    logger.info(why)
+    return why
+
+
+def finish(job_id: str, state: str, error: str = "", tracking_uri: str = "", experiment: str = "") -> str:
+    """The exit handler: mark the parent run FINISHED or FAILED with the pipeline's final state."""
+    from mole import tracking
+
+    _tracking(tracking_uri, experiment)
+    if not tracking.enabled():
+        return state
+    run_id = tracking.finish_pipeline_run(job_id, state, error or None)
+    logger.info("pipeline job %s %s; parent run %s closed", job_id, state, run_id)
+    return state

@@ -1,0 +1,188 @@
+"""The Kubeflow pipeline: the committed compiled YAML, its DAG and placement, parameters, submission."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mole.pipeline.run import compile_pipeline, parse_experts, parse_params, pipeline_parameters
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "pipelines" / "mole_pipeline.yaml"
+GPU_TASKS = {"stage1", "expert-face", "expert-hand", "gates", "evaluate"}
+
+
+@pytest.fixture(autouse=True)
+def _default_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MOLE_IMAGE", raising=False)
+
+
+def _load(path: Path) -> tuple[dict, dict]:
+    docs = list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
+    return docs[0], docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def _tasks(spec: dict) -> dict[str, tuple[dict, str]]:
+    """Every task of every DAG by display name: (task, the DAG component it sits in)."""
+    out = {}
+    dags = {"root": spec["root"], **spec["components"]}
+    for dag_name, comp in dags.items():
+        for name, task in comp.get("dag", {}).get("tasks", {}).items():
+            out[task.get("taskInfo", {}).get("name", name)] = (task, dag_name)
+    return out
+
+
+def test_committed_yaml_is_current(tmp_path: Path) -> None:
+    fresh = compile_pipeline(tmp_path / "p.yaml")
+    assert fresh.read_text() == PACKAGE.read_text(), "pipelines/mole_pipeline.yaml is stale: run `make pipeline`"
+
+
+def test_kfp_cli_compiles_it(tmp_path: Path) -> None:
+    kfp = Path(sys.executable).parent / "kfp"
+    out = tmp_path / "cli.yaml"
+    subprocess.run([str(kfp), "dsl", "compile", "--py", "pipelines/mole_pipeline.py", "--function", "mole_pipeline",
+                    "--output", str(out)], cwd=ROOT, check=True, capture_output=True)  # fmt: skip
+
+    # The same pipeline; only kfp's header comment may order dict defaults differently (by hash seed).
+    def body(text: str) -> list[str]:
+        return [line for line in text.splitlines() if not line.startswith("#")]
+
+    assert body(out.read_text()) == body(PACKAGE.read_text())
+
+
+def test_experts_run_in_parallel_after_stage1() -> None:
+    spec, _ = _load(PACKAGE)
+    tasks = _tasks(spec)
+    exit_dag = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    key_of = {t.get("taskInfo", {}).get("name"): k for k, t in exit_dag.items()}
+    stage1_group = next(k for k, t in exit_dag.items() if k.startswith("condition-branches"))
+    for expert in ("expert-face", "expert-hand"):
+        deps = set(tasks[expert][0].get("dependentTasks", []))
+        assert stage1_group in deps, f"{expert} must wait for stage 1"
+        assert not deps & {key_of["expert-face"], key_of["expert-hand"]}, f"{expert} depends on another expert"
+        assert deps <= {stage1_group, key_of["start"], *(k for k in exit_dag if k.startswith("data-op"))}
+    gates_deps = set(tasks["gates"][0]["dependentTasks"])
+    assert {key_of["expert-face"], key_of["expert-hand"]} <= gates_deps
+    assert key_of["gates"] in tasks["evaluate"][0]["dependentTasks"]
+    assert key_of["evaluate"] in tasks["promote"][0]["dependentTasks"]
+    # The exit handler: finish runs whatever happens and gets the final status.
+    finish = spec["root"]["dag"]["tasks"]["finish-op"]
+    assert finish["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert "status" in finish["inputs"]["parameters"]
+
+
+def test_gpu_steps_are_placed_on_the_a100_pool() -> None:
+    spec, executors = _load(PACKAGE)
+    tasks = _tasks(spec)
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["node_selector"]["defaultValue"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
+    assert params["tolerations"]["defaultValue"][0]["key"] == "nvidia.com/gpu"
+    for name in GPU_TASKS:
+        task, _ = tasks[name]
+        executor = spec["components"][task["componentRef"]["name"]]["executorLabel"]
+        container = spec["deploymentSpec"]["executors"][executor]["container"]
+        accel = container["resources"]["accelerator"]
+        assert accel["resourceType"] == "nvidia.com/gpu", name
+        assert "gpus" in accel["resourceCount"], name  # the `gpus` pipeline parameter
+        k8s = executors[executor]
+        assert "node_selector" in k8s["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"], name
+        assert "tolerations" in k8s["tolerations"][0]["tolerationJson"]["componentInputParameter"], name
+        shm = k8s["emptyDirMounts"][0]
+        assert shm["mountPath"] == "/dev/shm" and shm["medium"] == "Memory", name
+        assert "image" in container["image"], name  # re-pointed at the `image` parameter
+    # The multi-node launcher pod only follows the TrainJob: no GPU of its own.
+    task, _ = tasks["stage1-launch-trainjob"]
+    executor = spec["components"][task["componentRef"]["name"]]["executorLabel"]
+    assert "accelerator" not in spec["deploymentSpec"]["executors"][executor]["container"].get("resources", {})
+
+
+def test_secrets_are_referenced_never_inlined() -> None:
+    spec, executors = _load(PACKAGE)
+    text = PACKAGE.read_text()
+    for executor, k8s in executors.items():
+        names = {s["secretNameParameter"]["componentInputParameter"] for s in k8s["secretAsEnv"]}
+        assert any("s3_secret" in n for n in names) and any("mlflow_secret" in n for n in names), executor
+        envs = {e["envVar"] for s in k8s["secretAsEnv"] for e in s["keyToEnv"]}
+        assert {"AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD"} <= envs
+        assert k8s["pvcMount"][0]["mountPath"] == "/workspace"
+    for executor in spec["deploymentSpec"]["executors"].values():
+        for env in executor["container"].get("env", []):
+            assert not any(w in env["name"] for w in ("SECRET", "PASSWORD", "TOKEN")), env
+    assert "AKIA" not in text and "password:" not in text.lower()
+
+
+def test_caching_and_retries() -> None:
+    spec, _ = _load(PACKAGE)
+    tasks = _tasks(spec)
+    for name in ("stage1", "stage1-launch-trainjob", "expert-face", "expert-hand", "gates", "promote", "start"):
+        assert tasks[name][0]["cachingOptions"].get("enableCache") is not True, f"{name} must not be cached"
+    for name in ("data-scenes", "data-faces", "data-hands"):
+        assert tasks[name][0]["cachingOptions"]["enableCache"] is True
+    for name in ("data-scenes", "evaluate", "promote", "start", "finish"):
+        assert tasks[name][0]["retryPolicy"]["maxRetryCount"] == 3, name
+
+
+def test_one_parallel_expert_task_per_listed_expert(tmp_path: Path) -> None:
+    experts = parse_experts(["face=faces", "hand", "feet"])
+    assert experts == {"face": "faces", "hand": "hands", "feet": "feet"}
+    spec, _ = _load(compile_pipeline(tmp_path / "three.yaml", experts))
+    tasks = _tasks(spec)
+    names = {f"expert-{n}" for n in experts}
+    assert names <= set(tasks)
+    for name in names:
+        deps = tasks[name][0]["dependentTasks"]
+        assert not any(d.startswith("expert-op") for d in deps)
+    assert len([d for d in tasks["gates"][0]["dependentTasks"] if d.startswith("expert-op")]) == 3
+    assert "data-feet" in tasks
+
+
+def test_parameters_are_typed() -> None:
+    declared = pipeline_parameters(PACKAGE)
+    params = parse_params(["stage1_max_steps=5", 'node_selector={"pool": "a100"}', "gate=local",
+                           'tolerations=[{"key": "k", "operator": "Exists"}]'], declared)  # fmt: skip
+    assert params == {"stage1_max_steps": 5, "node_selector": {"pool": "a100"}, "gate": "local",
+                      "tolerations": [{"key": "k", "operator": "Exists"}]}  # fmt: skip
+    with pytest.raises(ValueError, match="unknown pipeline parameter 'stage_1_steps'"):
+        parse_params(["stage_1_steps=5"], declared)
+    with pytest.raises(ValueError, match="stage1_max_steps='five'"):
+        parse_params(["stage1_max_steps=five"], declared)
+    with pytest.raises(ValueError, match="expected a JSON object"):
+        parse_params(["node_selector=[1]"], declared)
+    with pytest.raises(ValueError, match="not KEY=VALUE"):
+        parse_params(["gate"], declared)
+
+
+def test_submit_goes_through_the_kfp_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kfp
+
+    calls = {}
+
+    class FakeClient:
+        def __init__(self, **kw) -> None:
+            calls["init"] = kw
+
+        def create_run_from_pipeline_package(self, package, **kw):
+            calls["run"] = (package, kw)
+            return type("R", (), {"run_id": "run-123"})()
+
+    monkeypatch.setattr(kfp, "Client", FakeClient)
+    monkeypatch.setenv("KFP_TOKEN", "tok-secret-value")
+    from typer.testing import CliRunner
+
+    from mole.cli import app
+
+    result = CliRunner().invoke(app, ["pipeline", "submit", "--host", "http://kfp.example:8888", "--package",
+                                      str(PACKAGE), "--experiment", "exp", "stage1_nodes=4",
+                                      "stage1_launcher=trainjob"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "run-123" in result.output and "tok-secret-value" not in result.output
+    assert calls["init"]["host"] == "http://kfp.example:8888" and calls["init"]["existing_token"] == "tok-secret-value"
+    package, kw = calls["run"]
+    assert package == str(PACKAGE) and kw["experiment_name"] == "exp"
+    assert kw["arguments"] == {"stage1_nodes": 4, "stage1_launcher": "trainjob"}
+    bad = CliRunner().invoke(app, ["pipeline", "submit", "--host", "http://x", "--package", str(PACKAGE), "nope=1"])
+    assert bad.exit_code == 2 and "unknown pipeline parameter 'nope'" in bad.output
