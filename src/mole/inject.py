@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mole.layers import GATE_MODES, MOLE_PREFIX, RUN_MODES, ExpertWeights, GateMode, MoLELayer
+from mole.timestep import CONDITIONS, attach_timestep, detach_timestep, time_embedding_dim
 
 logger = logging.getLogger(__name__)
 
@@ -240,6 +241,7 @@ def apply_mole(
     *,
     init_bias: float = 0.0,
     expert_weights: Mapping[str, float] | None = None,
+    condition: str = "none",
 ) -> nn.Module:
     """Wrap a UNet's linear layers and 1×1 convs with MoLE layers, in place.
 
@@ -253,6 +255,8 @@ def apply_mole(
             names/suffixes). Default: every layer that any expert touches.
         init_bias: Initial gate bias (see :class:`mole.layers.MoLELayer`).
         expert_weights: Fixed weights per expert name for ``gate="none"`` (default 1.0 each).
+        condition: ``none`` (the paper) or ``timestep``: the gate logits also get a learned, zero-initialised
+            projection of the UNet's timestep embedding (:mod:`mole.timestep`).
 
     Returns:
         The same ``unet``.
@@ -266,6 +270,11 @@ def apply_mole(
         raise ValueError("apply_mole needs at least one expert")
     if gate not in GATE_MODES:
         raise ValueError(f"gate must be one of {GATE_MODES}, got {gate!r}")
+    if condition not in CONDITIONS:
+        raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}")
+    if condition == "timestep" and gate == "none":
+        raise ValueError("condition='timestep' conditions learned gates; gate='none' has none")
+    time_dim = time_embedding_dim(unet) if condition == "timestep" else None
     if mole_layers(unet):
         raise ValueError("this UNet already has MoLE layers; build a fresh one to apply a new mixture")
     unknown_weights = set(expert_weights or {}) - set(experts)
@@ -315,6 +324,7 @@ def apply_mole(
                 gate=gate,
                 init_bias=init_bias,
                 expert_weights=weights,
+                time_dim=time_dim,
             )
         except (ValueError, TypeError) as err:
             raise ExpertError(f"layer {layer_name!r}: {err}") from err
@@ -322,19 +332,23 @@ def apply_mole(
         param.requires_grad_(False)
     for layer_name, layer in wrapped.items():
         _set_submodule(unet, layer_name, layer)
+    if time_dim is not None:
+        attach_timestep(unet, list(wrapped.values()))
     unet.mole_config = {  # read by save_gates; a plain attribute, invisible to state_dict
         "gate": gate,
+        "condition": condition,
         "experts": names,
         "target_modules": targets,
         "init_bias": init_bias,
         "expert_sources": {e.name: e.source for e in loaded},
     }
-    logger.info("MoLE: %d layers wrapped, experts %s, gate=%s", len(targets), names, gate)
+    logger.info("MoLE: %d layers wrapped, experts %s, gate=%s, condition=%s", len(targets), names, gate, condition)
     return unet
 
 
 def remove_mole(unet: nn.Module) -> nn.Module:
     """Undo :func:`apply_mole`: put every base layer back. Parameters stay frozen."""
+    detach_timestep(unet, list(mole_layers(unet).values()))
     for name, layer in mole_layers(unet).items():
         _set_submodule(unet, name, layer.base_layer)
     if hasattr(unet, "mole_config"):
@@ -380,6 +394,7 @@ def write_gates(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], 
     settings = {
         "format": GATES_FORMAT,
         "gate": config["gate"],
+        "condition": config.get("condition", "none"),
         "experts": config["experts"],
         "target_modules": config["target_modules"],
         "init_bias": config["init_bias"],
@@ -420,10 +435,10 @@ def load_gates(unet: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     config = getattr(unet, "mole_config", None)
     if config is None:
         raise ValueError("this model has no MoLE layers (call apply_mole before load_gates)")
-    settings = read_gate_settings(path)
-    for key in ("gate", "experts"):
-        if settings[key] != config[key]:
-            raise ValueError(f"gates file {path} has {key}={settings[key]!r}, this model has {config[key]!r}")
+    settings = {"condition": "none", **read_gate_settings(path)}  # files from before conditions: "none"
+    for key in ("gate", "condition", "experts"):
+        if settings[key] != config.get(key, "none"):
+            raise ValueError(f"gates file {path} has {key}={settings[key]!r}, this model has {config.get(key)!r}")
     from safetensors.torch import load_file
 
     tensors = load_file(str(path))
@@ -444,12 +459,13 @@ def load_gates(unet: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
 def apply_mole_from_gates(
     unet: nn.Module, experts: Mapping[str, str | os.PathLike[str] | Expert], gates: str | os.PathLike[str]
 ) -> nn.Module:
-    """Rebuild a trained mixture: the gate mode, layers and expert order come from the gates file."""
+    """Rebuild a trained mixture: the gate mode and condition, layers and expert order come from the gates file."""
     settings = read_gate_settings(gates)
     if set(experts) != set(settings["experts"]):
         raise ValueError(f"gates {gates} were trained with experts {settings['experts']}, got {sorted(experts)}")
     ordered = {n: experts[n] for n in settings["experts"]}
-    apply_mole(unet, ordered, gate=settings["gate"], target_modules=settings["target_modules"])
+    apply_mole(unet, ordered, gate=settings["gate"], target_modules=settings["target_modules"],
+               condition=settings.get("condition", "none"))  # fmt: skip
     return load_gates(unet, gates)
 
 

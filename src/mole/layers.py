@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +126,18 @@ def mole_delta(
     return acc.view(out.shape)
 
 
+class TimeSource(Protocol):
+    """Where a timestep-conditioned layer reads the UNet's timestep embedding (:mod:`mole.timestep`)."""
+
+    def embedding(self) -> torch.Tensor | None:
+        """The embedding of the UNet forward running now, ``[B, time_dim]``, or None outside one."""
+
+
+def _logit_bias(bias: torch.Tensor, channels_first: bool) -> torch.Tensor:
+    """A gate bias ``[N]`` (or per sample ``[B, N]``) shaped to add to ``[B, N, T]`` / ``[B, T, N]`` logits."""
+    return bias.unsqueeze(-1) if channels_first else bias.unsqueeze(-2)
+
+
 class MoLELayer(nn.Module):
     """A ``nn.Linear`` or 1×1 ``nn.Conv2d`` with frozen LoRA experts mixed by local/global sigmoid gates.
 
@@ -146,6 +158,7 @@ class MoLELayer(nn.Module):
         gate: GateMode = "both",
         init_bias: float = 0.0,
         expert_weights: Sequence[float] | None = None,
+        time_dim: int | None = None,
     ) -> None:
         """Wrap ``base_layer``.
 
@@ -159,6 +172,11 @@ class MoLELayer(nn.Module):
             init_bias: Initial gate bias; gate weights start at zero, so every gate starts at
                 sigmoid(init_bias) for every input (0.5 by default) and training moves it from there.
             expert_weights: Fixed per-expert weights, used only when ``gate == "none"`` (default 1.0).
+            time_dim: Width of the UNet's timestep embedding, to condition the gates on the diffusion step:
+                ``mole_time``, a ``nn.Linear(time_dim, k·N)`` (k = 1 or 2 gate kinds), adds a per-sample term
+                to the local and global gate logits. Zero-initialised (weights and bias), so the gates start
+                exactly as without it. The embedding is read from ``time_context`` (see
+                :mod:`mole.timestep`) during the UNet's forward. None: the paper's step-blind gates.
         """
         super().__init__()
         if gate not in GATE_MODES:
@@ -235,6 +253,14 @@ class MoLELayer(nn.Module):
             self.mole_local = self._gate_linear(d_in, n, init_bias, factory)
         if gate in ("global", "both"):
             self.mole_global = self._gate_linear(d_in, n, init_bias, factory)
+        self.mole_time: nn.Linear | None = None
+        #: Gives the current timestep embedding ``[B, time_dim]``: set by :func:`mole.timestep.attach_timestep`.
+        self.time_context: TimeSource | None = None
+        if time_dim is not None:
+            if self.mole_local is None and self.mole_global is None:
+                raise ValueError("timestep-conditioned gates need learned gates (local, global or both), not 'none'")
+            kinds = (self.mole_local is not None) + (self.mole_global is not None)
+            self.mole_time = self._gate_linear(time_dim, kinds * n, 0.0, factory)  # zero weights and bias
 
         #: Set by :func:`mole.inject.record_gates`; when true the last forward's gates are kept.
         self.record_gates = False
@@ -279,6 +305,19 @@ class MoLELayer(nn.Module):
             return coef.reshape(*x.shape[:-1], coef.shape[-1])
         return coef.reshape(x.shape[0], *([1] * (x.dim() - 2)), coef.shape[-1])
 
+    def _time_logits(self, batch: int, dtype: torch.dtype) -> torch.Tensor:
+        """The timestep term of the gate logits: ``mole_time(emb)``, ``[B, k·N]`` (local columns, then global)."""
+        emb = self.time_context.embedding() if self.time_context is not None else None
+        if emb is None:
+            raise RuntimeError(
+                "this MoLE layer has timestep-conditioned gates but no timestep embedding: run it inside the UNet "
+                "forward (mole.timestep.attach_timestep hooks the UNet's time_embedding)"
+            )
+        if emb.shape[0] not in (1, batch):
+            raise RuntimeError(f"timestep embedding has batch {emb.shape[0]}, the layer input has batch {batch}")
+        weight, bias = self.mole_time.weight.to(dtype), self.mole_time.bias.to(dtype)
+        return F.linear(emb.to(dtype), weight, bias).expand(batch, -1)  # [B, kN]
+
     def _gate_values(self, feats: torch.Tensor, channels_first: bool, tokens: Sequence[int]) -> torch.Tensor:
         """gᵢ·sᵢ from one matmul of X with [φ; ω] (eq. 5–6): ``[B, T, N]`` / ``[B, N, T]`` with a local gate,
         ``[B, 1, N]`` / ``[B, N, 1]`` with the global one alone.
@@ -294,17 +333,23 @@ class MoLELayer(nn.Module):
         logits = torch.matmul(weight, feats) if channels_first else F.linear(feats, weight)  # [B, 2N, T] / [B, T, 2N]
         expert_dim, token_dim = (-2, -1) if channels_first else (-1, -2)
         n, offset, coef = self.num_experts, 0, None
+        # With timestep gates each sample's bias is shifted by its own step's term: [N] -> [B, N].
+        time = self._time_logits(feats.shape[0], feats.dtype) if self.mole_time is not None else None
         if self.mole_local is not None:
             bias = self.mole_local.bias.to(feats.dtype)
-            local = torch.sigmoid(logits.narrow(expert_dim, 0, n) + (bias[:, None] if channels_first else bias))
+            if time is not None:
+                bias = bias + time[:, :n]  # [B, N]
+            local = torch.sigmoid(logits.narrow(expert_dim, 0, n) + _logit_bias(bias, channels_first))
             if self.record_gates:
                 as_last = local.movedim(-2, -1) if channels_first else local  # [B, T, N]
                 self.last_local = as_last.reshape(feats.shape[0], *tokens, n).detach()
             coef, offset = local, n
         if self.mole_global is not None:
             bias = self.mole_global.bias.to(feats.dtype)
+            if time is not None:
+                bias = bias + time[:, offset : offset + n]  # [B, N]
             pooled = logits.narrow(expert_dim, offset, n).mean(token_dim, keepdim=True)  # Pool(X·ω) = Pool(X)·ω
-            glob = torch.sigmoid(pooled + (bias[:, None] if channels_first else bias))  # [B, 1, N] / [B, N, 1]
+            glob = torch.sigmoid(pooled + _logit_bias(bias, channels_first))  # [B, 1, N] / [B, N, 1]
             if self.record_gates:
                 self.last_global = glob.reshape(feats.shape[0], n).detach()
             coef = glob if coef is None else coef * glob
