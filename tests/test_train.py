@@ -277,8 +277,8 @@ def test_bad_inputs_fail_clearly_before_training(tiny_model_dir, stage1_model, d
     assert r.exit_code == 2 and "not found" in r.output
     r = _invoke("train", "stage1", "--config", TINY, "--set", "stage1.optimiser.lr=1")
     assert r.exit_code == 2 and "stage1.optimiser: unknown key" in r.output
-    r = _invoke("train", "expert", "--name", "feet", "--config", TINY)
-    assert r.exit_code == 2 and "no experts.feet section" in r.output
+    r = _invoke("train", "expert", "--name", "elbow", "--config", TINY)  # feet has a section now
+    assert r.exit_code == 2 and "no experts.elbow section" in r.output
     assert not (tmp_path / "o1" / "checkpoints").exists() and not (tmp_path / "o2" / "checkpoints").exists()
 
 

@@ -38,6 +38,7 @@ def train_stage(
     expert_name: str | None = None,
     experts: dict[str, str] | None = None,
     gate: str | None = None,
+    condition: str | None = None,
 ):  # -> mole.train.loop.TrainResult
     """Train one stage. Arguments override the config's values; everything is validated before training.
 
@@ -52,6 +53,7 @@ def train_stage(
         expert_name: The expert to train (``experts.<name>`` section) for ``stage == "expert"``.
         experts: ``{name: path}`` for ``stage == "gates"``.
         gate: ``local``, ``global`` or ``both`` for ``stage == "gates"``.
+        condition: ``none`` or ``timestep`` (timestep-aware gates) for ``stage == "gates"``.
 
     Raises:
         ConfigError: Invalid settings. mole.train.stages.StageError: missing model, bad experts.
@@ -77,6 +79,8 @@ def train_stage(
             updates["experts"] = experts
         if gate is not None:
             updates["gate"] = gate
+        if condition is not None:
+            updates["condition"] = condition
     try:
         cfg = cfg.model_validate({**cfg.model_dump(), **updates})
     except ValidationError as err:

@@ -147,8 +147,12 @@ class ExpertConfig(TrainConfig):
 class GatesConfig(TrainConfig):
     gate: Literal["local", "global", "both"] = "both"
     """Which gates to learn: the paper uses both (Table 3 ablates the others)."""
+    condition: Literal["none", "timestep"] = "none"
+    """What the gates see besides the features: ``none`` (the paper) or ``timestep``, a learned zero-initialised
+    projection of the UNet's timestep embedding added to the gate logits, so the mixture can change over the
+    denoising steps (Face-MoGLE's time-dependent gates). Saved with the gates; generation reads it from there."""
     experts: dict[str, str] = {}
-    """Expert name → LoRA path, in gate order (overridden by ``--experts``)."""
+    """Expert name → LoRA path, in gate order (overridden by ``--experts``); any number of experts."""
     init_bias: float = 0.0
     """Initial gate bias; gates start at sigmoid(init_bias)."""
 

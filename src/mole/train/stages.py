@@ -176,8 +176,8 @@ def build_gates(
     unet, text_encoder, vae, tokenizer, scheduler, prediction = _load_components(base_path, model_cfg)
     text_encoder.requires_grad_(False)
     try:
-        apply_mole(unet, experts, gate=cfg.gate, init_bias=cfg.init_bias)
-    except (ExpertError, FileNotFoundError) as err:
+        apply_mole(unet, experts, gate=cfg.gate, init_bias=cfg.init_bias, condition=cfg.condition)
+    except (ExpertError, FileNotFoundError, ValueError) as err:
         raise StageError(str(err)) from err
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -191,7 +191,8 @@ def build_gates(
         gates = {k: v for k, v in _strip(state, "unet.").items() if f".{MOLE_PREFIX}" in k}
         return write_gates(gates, mole_config, output / "gates.safetensors")
 
-    info = {"gate": cfg.gate, "experts": dict(experts), "mole_layers": len(mole_config["target_modules"])}
+    info = {"gate": cfg.gate, "condition": cfg.condition, "experts": dict(experts),
+            "mole_layers": len(mole_config["target_modules"])}  # fmt: skip
     return Stage("gates", model, vae, tokenizer, base_path, trainable, save, info)
 
 
