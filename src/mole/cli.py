@@ -295,7 +295,13 @@ def train_stage1(
 
 @train_app.command("expert")
 def train_expert(
-    name: Annotated[str, typer.Option(help="Expert to train: the experts.<name> section of the config.")],
+    name: Annotated[
+        str,
+        typer.Option(
+            help="Expert to train: the experts.<name> section of the config (any name: face, hand, feet...; "
+            "--set experts.NAME.rank=... adds a section)."
+        ),
+    ],
     config: ConfigOpt = None,
     data: DataOpt = None,
     output: OutputOpt = None,
@@ -313,8 +319,17 @@ def train_expert(
 
 @train_app.command("gates")
 def train_gates(
-    experts: Annotated[list[str] | None, typer.Option(help="Expert LoRA as NAME=PATH, in gate order.")] = None,
+    experts: Annotated[
+        list[str] | None, typer.Option(help="Expert LoRA as NAME=PATH, in gate order; repeat for any number.")
+    ] = None,
     gate: Annotated[str | None, typer.Option(help="local, global or both (the paper).")] = None,
+    condition: Annotated[
+        str | None,
+        typer.Option(
+            help="What the gates see besides the features: none (the paper) or timestep (a learned, "
+            "zero-initialised projection of the diffusion timestep added to the gate logits)."
+        ),
+    ] = None,
     config: ConfigOpt = None,
     data: DataOpt = None,
     output: OutputOpt = None,
@@ -323,10 +338,13 @@ def train_gates(
     base: BaseOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Stage 3: freeze base and experts; learn the local and global gates of every MoLE layer."""
+    """Stage 3: freeze base and experts; learn the local and global gates of every MoLE layer.
+
+    Any number of experts: repeat --experts (face=DIR hand=DIR feet=DIR ...); their order is the gate order.
+    """
     _train(
         "gates", config, set_, output=output, data=data, base=base, max_steps=max_steps, resume=resume,
-        experts=parse_named(experts, "--experts") or None, gate=gate,
+        experts=parse_named(experts, "--experts") or None, gate=gate, condition=condition,
     )  # fmt: skip
 
 
@@ -524,9 +542,26 @@ def evaluate_compare(
     runs: Annotated[list[Path], typer.Argument(help="Evaluation output folders (or report.json files).")],
     labels: Annotated[str | None, typer.Option(help="Comma-separated row labels, one per run.")] = None,
     output: Annotated[Path | None, typer.Option(help="Write the table as OUTPUT.md and OUTPUT.csv.")] = None,
+    gate_plots: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also plot the gates of every MoLE run side by side (e.g. plain vs timestep gates) into this "
+            "folder, with each expert's specialisation (own prompts vs the others'); loads the runs' models."
+        ),
+    ] = None,
+    groups: Annotated[
+        Path | None, typer.Option(help="With --gate-plots: JSON/YAML prompt groups (default: one per expert).")
+    ] = None,
+    gate_steps: Annotated[
+        int | None, typer.Option(help="With --gate-plots: denoising steps (default: each run's own).")
+    ] = None,
 ) -> None:
-    """Lay runs side by side: base vs stage 1 vs + experts vs MoLE (table 2), local vs global vs both (table 3)."""
-    from mole.evaluate.runner import compare_csv, compare_table, load_report
+    """Lay runs side by side: base vs stage 1 vs + experts vs MoLE (table 2), local vs global vs both (table 3),
+    MoLE vs MoLE with timestep gates. Runs should share prompts, seeds and sampler settings (a warning says
+    which differ); --gate-plots adds their gate plots."""
+    import yaml
+
+    from mole.evaluate.runner import compare_csv, compare_gates, compare_table, load_report, sample_mismatches
 
     try:
         reports = [load_report(r) for r in runs]
@@ -541,6 +576,21 @@ def evaluate_compare(
         output.with_suffix(".md").write_text(table + "\n", encoding="utf-8")
         compare_csv(reports, output.with_suffix(".csv"), names)
     typer.echo(table)
+    differing = sample_mismatches(reports)
+    if differing:
+        typer.secho(f"warning: the runs differ in {', '.join(differing)}: not the same prompts and seeds",
+                    fg=typer.colors.YELLOW, err=True)  # fmt: skip
+    if gate_plots is not None:
+        from mole.evaluate.gates import specialisation_table
+
+        try:
+            prompt_groups = yaml.safe_load(groups.read_text(encoding="utf-8")) if groups else None
+            rows = compare_gates(reports, names, gate_plots, groups=prompt_groups, steps=gate_steps)
+        except (ValueError, FileNotFoundError) as err:
+            raise _fail(err) from err
+        typer.echo("\nGate specialisation (mean global gate on the expert's own prompts / on the others'):")
+        typer.echo(specialisation_table(rows))
+        typer.echo(f"gate plots in {gate_plots}")
 
 
 @evaluate_app.command("gates")
@@ -549,14 +599,20 @@ def evaluate_gates(
     experts: Annotated[list[str], typer.Option(help="Expert LoRA as NAME=PATH.")],
     gates: Annotated[Path, typer.Option(help="Gates file.")],
     output: Annotated[Path, typer.Option(help="Folder for global_gates.png, local_maps.png, gate_stats.json.")],
-    groups: Annotated[Path | None, typer.Option(help="JSON/YAML: group name -> list of prompts.")] = None,
+    groups: Annotated[
+        Path | None,
+        typer.Option(
+            help="JSON/YAML: group name -> list of prompts (default: face, hand, feet for a feet expert, both); "
+            "a group named like an expert is its own prompts for the specialisation numbers."
+        ),
+    ] = None,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 25,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
 ) -> None:
     """Gate values over denoising steps per prompt group, and local score maps (the paper's figure 7)."""
     import yaml
 
-    from mole.evaluate.gates import gate_statistics, plot_gate_statistics
+    from mole.evaluate.gates import gate_statistics, plot_gate_statistics, specialisation
     from mole.generate import load_pipeline
 
     try:
@@ -569,6 +625,9 @@ def evaluate_gates(
     for group in stats.global_by_group:
         means = ", ".join(f"{e} {v:.3f}" for e, v in zip(stats.experts, stats.mean_global(group), strict=True))
         typer.echo(f"{group} prompts: mean global gate {means}")
+    for expert, spec in specialisation(stats).items():
+        typer.echo(f"{expert} expert: own prompts {spec['own']:.3f}, others' {spec['others']:.3f} "
+                   f"({spec['delta']:+.3f})")  # fmt: skip
     typer.echo("wrote " + ", ".join(str(p) for p in written))
 
 

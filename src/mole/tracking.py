@@ -192,8 +192,8 @@ class StageRun:
                 artifacts[f"expert_{name}"] = str(folder)
             info = self._mlflow.pyfunc.log_model(
                 name="model", python_model=mole_pyfunc(), artifacts=artifacts,
-                model_config={"experts": sorted(experts), "gates": True}, registered_model_name=REGISTERED["mole"],
-                pip_requirements=_requirements(),
+                model_config={"experts": sorted(experts), "gates": True, "condition": _gate_condition(gates)},
+                registered_model_name=REGISTERED["mole"], pip_requirements=_requirements(),
             )  # fmt: skip
         ref = self._ref(info, REGISTERED["mole"])
         _client().set_registered_model_alias(REGISTERED["mole"], alias, ref.version)
@@ -212,6 +212,13 @@ class ModelRef:
     model_id: str
     uri: str
     run_id: str
+
+
+def _gate_condition(gates: Path) -> str:
+    """``none`` or ``timestep``: what the registered mixture's gates see besides the features."""
+    from mole.inject import read_gate_settings
+
+    return str(read_gate_settings(gates).get("condition", "none"))
 
 
 def _lora_file(folder: Path) -> Path:

@@ -1,8 +1,10 @@
 """Gate statistics over denoising steps (paper figure 7): what each expert is given, when, and where.
 
-For groups of prompts (face close-ups, hand close-ups, both), the mean global gate of each expert at every
-denoising step; and, for a few prompts, the local score maps of the 1×1 conv projections (which see the
-image as an H×W grid) averaged over layers and steps. Numbers are saved with the plots.
+For groups of prompts (face close-ups, hand close-ups, feet close-ups for a third expert, both), the mean
+global gate of each expert at every denoising step; and, for a few prompts, the local score maps of the 1×1
+conv projections (which see the image as an H×W grid) averaged over layers and steps. Numbers are saved with
+the plots. :func:`specialisation` reduces them to one number per expert: its mean global gate on the prompts
+of its own group against the other groups' (an expert whose group shares its name).
 """
 
 from __future__ import annotations
@@ -30,6 +32,19 @@ DEFAULT_GROUPS: dict[str, list[str]] = {
              "a close-up photo of a hand making a thumbs up"],
     "both": ["a woman waving her hand", "a man holding a cup next to his face", "a child pointing at the camera"],
 }  # fmt: skip
+#: Prompt groups for experts beyond the paper's two, used when an expert of that name is in the mixture.
+EXTRA_GROUPS: dict[str, list[str]] = {
+    "feet": ["a close-up photo of bare feet on a wooden floor", "a close-up photo of feet in red shoes on green grass",
+             "a close-up photo of feet in blue socks on a white floor"],
+}  # fmt: skip
+EXTRA_GROUPS["foot"] = EXTRA_GROUPS["feet"]
+
+
+def default_groups(experts: Sequence[str]) -> dict[str, list[str]]:
+    """Figure 7's groups, plus a group for every further expert with known prompts (``feet``), before ``both``."""
+    groups = {k: v for k, v in DEFAULT_GROUPS.items() if k != "both"}
+    groups.update({e: EXTRA_GROUPS[e] for e in experts if e in EXTRA_GROUPS})
+    return {**groups, "both": DEFAULT_GROUPS["both"]}
 
 
 @dataclass
@@ -50,8 +65,40 @@ class GateStats:
             "experts": self.experts,
             "global_by_group": self.global_by_group,
             "mean_global_by_group": {g: self.mean_global(g) for g in self.global_by_group},
+            "specialisation": specialisation(self),
             "local_maps": self.local_maps,
         }
+
+
+def specialisation(stats: GateStats) -> dict[str, dict[str, float]]:
+    """Per expert with a prompt group of its own name: its mean global gate on that group (``own``), on the
+    other experts' groups (``others``, the mean over those groups; the mixed ``both`` group is left out) and
+    ``own - others``. A specialised gate opens its expert on its own prompts more than on the others'."""
+    own_groups = [e for e in stats.experts if e in stats.global_by_group]
+    out: dict[str, dict[str, float]] = {}
+    for e, expert in enumerate(stats.experts):
+        if expert not in stats.global_by_group:
+            continue
+        own = stats.mean_global(expert)[e]
+        others = [stats.mean_global(g)[e] for g in own_groups if g != expert]
+        rest = sum(others) / len(others) if others else float("nan")
+        out[expert] = {"own": own, "others": rest, "delta": own - rest}
+    return out
+
+
+def specialisation_table(rows: Mapping[str, GateStats]) -> str:
+    """A Markdown table: one row per model, per expert ``own / others (Δ)`` of :func:`specialisation`."""
+    experts: list[str] = []
+    for stats in rows.values():
+        experts += [e for e in specialisation(stats) if e not in experts]
+    lines = ["| model | " + " | ".join(f"{e}: own / others (Δ)" for e in experts) + " |",
+             "|---|" + "---|" * len(experts)]  # fmt: skip
+    for label, stats in rows.items():
+        spec = specialisation(stats)
+        cells = [f"{spec[e]['own']:.3f} / {spec[e]['others']:.3f} ({spec[e]['delta']:+.3f})" if e in spec else "–"
+                 for e in experts]  # fmt: skip
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 class _Recorder:
@@ -108,8 +155,8 @@ def gate_statistics(
     """Generate every prompt of every group with gate recording on; average per group and step."""
     from mole.generate import generate
 
-    groups = dict(groups or DEFAULT_GROUPS)
     experts = next(iter(mole_layers(pipe.unet).values())).expert_names
+    groups = dict(groups or default_groups(experts))
     stats = GateStats(experts=experts)
     for group, prompts in groups.items():
         per_prompt = []
@@ -175,3 +222,48 @@ def plot_gate_statistics(stats: GateStats, output: str | os.PathLike[str]) -> li
         plt.close(fig)
         written.append(out / "local_maps.png")
     return written
+
+
+def plot_gate_comparison(rows: Mapping[str, GateStats], output: str | os.PathLike[str]) -> list[Path]:
+    """Several models' gates side by side (plain vs timestep gates): ``global_gates_compare.png`` (a panel per
+    prompt group, a colour per expert, a line style per model), ``gate_specialisation.md`` and one folder of
+    :func:`plot_gate_statistics` plots per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for k, (label, stats) in enumerate(rows.items()):
+        written += plot_gate_statistics(stats, out / f"{k}-{_slug(label)}")
+    (out / "gate_specialisation.md").write_text(specialisation_table(rows) + "\n", encoding="utf-8")
+    written.append(out / "gate_specialisation.md")
+    groups = list(dict.fromkeys(g for stats in rows.values() for g in stats.global_by_group))
+    if not groups:
+        return written
+    styles = ["-", "--", ":", "-."]
+    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.2), sharey=True, squeeze=False)
+    for ax, group in zip(axes[0], groups, strict=True):
+        for m, (label, stats) in enumerate(rows.items()):
+            if group not in stats.global_by_group:
+                continue
+            series = torch.tensor(stats.global_by_group[group])  # [steps, experts]
+            for e, name in enumerate(stats.experts):
+                ax.plot(range(1, series.shape[0] + 1), series[:, e].numpy(), linestyle=styles[m % len(styles)],
+                        color=f"C{e}", marker="o", ms=2, label=f"{name} ({label})")  # fmt: skip
+        ax.set_title(f"{group} prompts")
+        ax.set_xlabel("denoising step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("mean global gate g")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "global_gates_compare.png", dpi=120)
+    plt.close(fig)
+    written.append(out / "global_gates_compare.png")
+    return written
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in label).strip("-") or "model"

@@ -119,6 +119,12 @@ def evaluate(settings: EvalSettings, output: str | os.PathLike[str]) -> dict[str
         summary[name] = {"mean": mean, "stderr": se, "per_repeat": means}
     report = {"label": settings.label or Path(settings.model).name, "settings": asdict(settings),
               "num_prompts": n, "repeats": settings.repeats, "scores": summary}  # fmt: skip
+    if settings.gates:
+        from mole.inject import read_gate_settings
+
+        mix = read_gate_settings(settings.gates)
+        report["mixture"] = {"gate": mix["gate"], "condition": mix.get("condition", "none"),
+                             "experts": mix["experts"]}  # fmt: skip
     _write_rows(out / "scores.csv", rows)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out / "report.md").write_text(compare_table([report]) + "\n", encoding="utf-8")
@@ -171,16 +177,39 @@ def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads(p.read_text(encoding="utf-8"))
 
 
+#: Settings that fix which prompts a run samples, their seeds and the sampler: runs compared side by side should
+#: agree on all of them (then every prompt gets the same initial noise in every run).
+SAMPLE_KEYS = ("prompts", "num_prompts", "repeats", "seed", "steps", "guidance", "width", "height")
+
+
+def sample_mismatches(reports: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The :data:`SAMPLE_KEYS` on which the runs differ (empty when they saw the same prompts and seeds)."""
+    settings = [r.get("settings", {}) for r in reports]
+    return [k for k in SAMPLE_KEYS if len({json.dumps(s.get(k)) for s in settings}) > 1]
+
+
+def _mixture(report: Mapping[str, Any]) -> str:
+    mix = report.get("mixture")
+    if not mix:
+        return "–"
+    return f"{len(mix['experts'])} experts, {mix['gate']}" + (
+        f", {mix['condition']}" if mix.get("condition", "none") != "none" else ""
+    )
+
+
 def compare_table(reports: Sequence[Mapping[str, Any]], labels: Sequence[str] | None = None) -> str:
-    """A Markdown table, one row per run and one column per scorer: ``mean ± stderr`` (tables 1–3)."""
+    """A Markdown table, one row per run and one column per scorer: ``mean ± stderr`` (tables 1–3); with a
+    ``gates`` column (experts, gate mode, condition) when any run is a MoLE mixture."""
     names: list[str] = []
     for r in reports:
         names += [n for n in r["scores"] if n not in names]
-    header = "| model | " + " | ".join(names) + " |\n|---|" + "---|" * len(names)
+    mixtures = any(r.get("mixture") for r in reports)
+    columns = (["gates"] if mixtures else []) + names
+    header = "| model | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns)
     lines = [header]
     for i, r in enumerate(reports):
         label = labels[i] if labels else r.get("label", f"run {i}")
-        cells = []
+        cells = [_mixture(r)] if mixtures else []
         for n in names:
             s = r["scores"].get(n)
             cells.append(f"{s['mean']:.3f} ± {s['stderr']:.3f}" if s else "–")
@@ -202,3 +231,45 @@ def compare_csv(reports: Sequence[Mapping[str, Any]], path: Path, labels: Sequen
                 s = r["scores"].get(n)
                 row += [s["mean"], s["stderr"]] if s else ["", ""]
             writer.writerow(row)
+
+
+def compare_gates(
+    reports: Sequence[Mapping[str, Any]],
+    labels: Sequence[str] | None,
+    output: str | os.PathLike[str],
+    *,
+    groups: Mapping[str, Sequence[str]] | None = None,
+    steps: int | None = None,
+) -> dict[str, Any]:  # label -> mole.evaluate.gates.GateStats
+    """Gate statistics of every compared run that is a MoLE mixture, on the same prompt groups with the same
+    seeds, plotted side by side (:func:`mole.evaluate.gates.plot_gate_comparison`): plain vs timestep gates.
+
+    Args:
+        steps: Denoising steps (default: each run's own evaluation steps).
+    """
+    from mole.evaluate.gates import gate_statistics, plot_gate_comparison
+    from mole.generate import load_pipeline
+    from mole.inject import mole_layers
+
+    rows = {}
+    for i, r in enumerate(reports):
+        label = labels[i] if labels else r.get("label", f"run {i}")
+        s = r.get("settings", {})
+        if str(s.get("model", "")).startswith("models:/"):
+            from mole.tracking import load_registered_pipeline
+
+            pipe = load_registered_pipeline(s["model"])
+            if not mole_layers(pipe.unet):
+                logger.info("%s has no gates: no gate plots for it", label)
+                continue
+        elif s.get("gates"):
+            pipe = load_pipeline(s["model"], s["experts"], s["gates"])
+        else:
+            logger.info("%s has no gates: no gate plots for it", label)
+            continue
+        rows[label] = gate_statistics(pipe, groups, steps=steps or s.get("steps", 25), seed=s.get("seed", 0),
+                                      guidance=s.get("guidance", 7.5))  # fmt: skip
+    if not rows:
+        raise ValueError("none of the compared runs is a MoLE mixture (no gates): nothing to plot")
+    plot_gate_comparison(rows, output)
+    return rows
