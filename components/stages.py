@@ -52,12 +52,12 @@ def expert_op(
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def gates_op(
-    config: str, data: str, base_model: str, experts: list, gate: str, workdir: str, max_steps: int, gpus: int,
-    parent_run_id: str, tracking_uri: str, experiment: str,
+    config: str, data: str, base_model: str, experts: list, gate: str, gate_condition: str, workdir: str,
+    max_steps: int, gpus: int, parent_run_id: str, tracking_uri: str, experiment: str,
 ) -> str:  # fmt: skip
     """Returns the registered MoLE model (``models:/mole/N``, aliased ``candidate``), or the gates file."""
     from mole.pipeline import steps
 
     return steps.train("gates", config, data, base_model, workdir, experts=experts, gate=gate, max_steps=max_steps,
                        processes=gpus, parent_run_id=parent_run_id, tracking_uri=tracking_uri,
-                       experiment=experiment)  # fmt: skip
+                       experiment=experiment, condition=gate_condition)  # fmt: skip

@@ -7,7 +7,8 @@ Compile with ``mole pipeline compile`` or the kfp CLI (``kfp dsl compile --py pi
 --function mole_pipeline --output pipelines/mole_pipeline.yaml``); the compiled YAML is committed and a test fails
 when it drifts. No ``from __future__ import annotations`` here: kfp reads the real parameter types. Experts are
 fixed at compile time (one parallel task each): ``build_pipeline({"face": "faces", ...})``, or
-``mole pipeline compile --expert face=faces --expert hand=hands --expert feet=feet``.
+``mole pipeline compile --expert face=faces --expert hand=hands --expert feet=feet``. ``gate_condition``
+(``none``/``timestep``; empty: the config's ``gates.condition``) chooses timestep-aware gates.
 
 Placement (kfp-kubernetes): the GPU steps request ``gpus`` × ``nvidia.com/gpu`` and land on the A100 pool through
 ``node_selector`` and ``tolerations`` (JSON parameters), with a memory-backed ``/dev/shm``; every step mounts the
@@ -97,6 +98,7 @@ def build_pipeline(
         expert_max_steps: int = 0,
         gates_max_steps: int = 0,
         gate: str = "both",
+        gate_condition: str = "",
         prompts: str = "",
         scorers: str = "hps_v1,imagereward",
         scorer_config: str = "{}",
@@ -126,6 +128,7 @@ def build_pipeline(
         finish.set_display_name("finish")
         with dsl.ExitHandler(finish, name="mole"):
             params = {"config": config, "base_model": base_model, "data_source": data_source, "gate": gate,
+                      "gate_condition": gate_condition,
                       "stage1_max_steps": stage1_max_steps, "expert_max_steps": expert_max_steps,
                       "gates_max_steps": gates_max_steps, "scorers": scorers, "num_prompts": num_prompts,
                       "repeats": repeats, "image": image}  # fmt: skip
@@ -171,7 +174,8 @@ def build_pipeline(
                 expert_specs.append(task.output)
 
             gates = gates_op(config=config, data=data["scenes"], base_model=stage1, experts=expert_specs, gate=gate,
-                             workdir=workdir, max_steps=gates_max_steps, gpus=gpus, **run)  # fmt: skip
+                             gate_condition=gate_condition, workdir=workdir, max_steps=gates_max_steps, gpus=gpus,
+                             **run)  # fmt: skip
             _gpu(gates, p).set_caching_options(False).set_display_name("gates")
 
             evaluation = evaluate_op(model=gates.output, base_model=stage1, experts=expert_specs,

@@ -139,17 +139,18 @@ def _model_of(out: Path, fallback: Path) -> str:
 def train(
     stage: str, config: str, data: str, base_model: str, workdir: str, *, expert: str = "",
     experts: list[str] | None = None, gate: str = "", max_steps: int = 0, processes: int = 1,
-    parent_run_id: str = "", tracking_uri: str = "", experiment: str = "",
+    parent_run_id: str = "", tracking_uri: str = "", experiment: str = "", condition: str = "",
 ) -> str:  # fmt: skip
     """Train one stage in this pod: in-process for one process, under ``accelerate launch`` with DeepSpeed ZeRO-2
     across ``processes`` GPUs otherwise. Returns the model URI (or path) for the next stage.
 
-    ``experts`` are ``NAME=URI`` strings (the expert steps' results).
+    ``experts`` are ``NAME=URI`` strings (the expert steps' results), any number of them; ``condition`` is the
+    gates' ``none``/``timestep`` (empty: the config's).
     """
     _tracking(tracking_uri, experiment, parent_run_id)
     out = Path(workdir) / (f"expert-{expert}" if stage == "expert" else stage)
     args = mole_train_args(stage, config, data, base_model, out, expert=expert, experts=experts, gate=gate,
-                           max_steps=max_steps)  # fmt: skip
+                           max_steps=max_steps, condition=condition)  # fmt: skip
     if processes > 1:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(_resolve_config("configs/accelerate/zero2.yaml")), "--num_processes", str(processes),
@@ -163,6 +164,7 @@ def train(
             stage, load_config(_resolve_config(config), {}), output=out, data=data, base=base_model or None,
             max_steps=max_steps or None, resume="latest", expert_name=expert or None,
             experts=dict(e.split("=", 1) for e in experts) if experts else None, gate=gate or None,
+            condition=condition or None,
         )  # fmt: skip
     fallback = out / "model" if stage == "stage1" else out
     if stage == "gates":
@@ -172,7 +174,7 @@ def train(
 
 def mole_train_args(
     stage: str, config: str, data: str, base_model: str, out: Path, *, expert: str = "",
-    experts: list[str] | None = None, gate: str = "", max_steps: int = 0,
+    experts: list[str] | None = None, gate: str = "", max_steps: int = 0, condition: str = "",
 ) -> list[str]:  # fmt: skip
     """The ``mole train ...`` arguments of a stage (shared by the in-pod and the multi-node launch)."""
     args = ["train", stage, "--config", str(_resolve_config(config)), "--data", data, "--output", str(out),
@@ -185,6 +187,8 @@ def mole_train_args(
         args += ["--experts", spec]
     if gate:
         args += ["--gate", gate]
+    if condition:
+        args += ["--condition", condition]
     if max_steps:
         args += ["--max-steps", str(max_steps)]
     return args
