@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,4 +267,5 @@ def plot_gate_comparison(rows: Mapping[str, GateStats], output: str | os.PathLik
 
 
 def _slug(label: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "-" for c in label).strip("-") or "model"
+    """A folder name for a row label: ``MoLE + timestep gates`` -> ``MoLE-timestep-gates``."""
+    return re.sub(r"[^A-Za-z0-9_]+", "-", label).strip("-") or "model"
