@@ -66,18 +66,29 @@ def _gpu(task: dsl.PipelineTask, p: dict) -> dsl.PipelineTask:
     return task
 
 
-def _io_retry(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    return task.set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0, backoff_max_duration="600s")
+def _retry(task: dsl.PipelineTask, retries: int) -> dsl.PipelineTask:
+    """Retry a step whose failures are mostly transient (object store, tracking server, a preempted node)."""
+    if retries <= 0:
+        return task
+    return task.set_retry(num_retries=retries, backoff_duration="30s", backoff_factor=2.0, backoff_max_duration="600s")
 
 
 def build_pipeline(
-    experts: Mapping[str, str] | None = None, name: str = "mole", gpu_cpu: str = "8", gpu_memory: str = "64Gi"
+    experts: Mapping[str, str] | None = None,
+    name: str = "mole",
+    gpu_cpu: str = "8",
+    gpu_memory: str = "64Gi",
+    retries: int = 3,
 ):
     """The pipeline function, with one parallel expert task per ``experts`` entry (expert name -> data kind).
 
     The CPU and memory requests of the GPU steps are fixed at compile time: kfp 2.17 does not carry a parameter
     used only in a resource request into nested DAGs (the exit handler, dsl.If), so as parameters they would not
     resolve.
+
+    ``retries`` is how often the I/O-bound steps (start, data, evaluate, promote, finish) are retried with
+    exponential backoff from 30 s; the local runner uses 0, where a failure is not transient and waiting on the
+    backoff would only delay the error.
     """
     experts = dict(experts or DEFAULT_EXPERTS)
     kinds = ["scenes", *dict.fromkeys(experts.values())]
@@ -117,14 +128,14 @@ def build_pipeline(
         mlflow_secret: str = "mole-mlflow",
         config_map: str = "mole-config",
         tracking_uri: str = "",
-        experiment: str = "mole",
+        experiment: str = "",
     ) -> None:
         p = {"image": image, "workspace_pvc": workspace_pvc, "s3_secret": s3_secret, "mlflow_secret": mlflow_secret,
              "config_map": config_map, "gpus": gpus, "gpu_cpu": gpu_cpu, "gpu_memory": gpu_memory,
              "node_selector": node_selector, "tolerations": tolerations}  # fmt: skip
         track = {"tracking_uri": tracking_uri, "experiment": experiment}
         job_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
-        finish = _io_retry(_common(finish_op(job_id=job_id, **track), p)).set_caching_options(False)
+        finish = _retry(_common(finish_op(job_id=job_id, **track), p), retries).set_caching_options(False)
         finish.set_display_name("finish")
         with dsl.ExitHandler(finish, name="mole"):
             params = {"config": config, "base_model": base_model, "data_source": data_source, "gate": gate,
@@ -135,7 +146,7 @@ def build_pipeline(
             start = start_op(workspace=workspace, job_id=job_id, job_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
                              base_model=base_model, prompts=prompts, scorer_config=scorer_config, params=params,
                              **track)  # fmt: skip
-            _io_retry(_common(start, p)).set_caching_options(False).set_display_name("start")
+            _retry(_common(start, p), retries).set_caching_options(False).set_display_name("start")
             run = {"parent_run_id": start.outputs["parent_run_id"], **track}
             workdir, base = start.outputs["workdir"], start.outputs["base_model"]
             data = {}
@@ -143,7 +154,7 @@ def build_pipeline(
                 task = data_op(kind=kind, workdir=workdir, source=data_source, raw_inputs=raw_inputs,
                                curate_config=curate_config, count=synthetic_count, data_root=data_root,
                                **run)  # fmt: skip
-                _io_retry(_common(task, p, cpu="8", memory="32Gi")).set_display_name(f"data-{kind}")
+                _retry(_common(task, p, cpu="8", memory="32Gi"), retries).set_display_name(f"data-{kind}")
                 data[kind] = task.output
 
             with dsl.If(stage1_launcher == "local", name="stage1-in-pod"):
@@ -182,10 +193,10 @@ def build_pipeline(
                                      prompts=start.outputs["prompts"], workdir=workdir, scorers=scorers,
                                      scorer_config=start.outputs["scorer_config"], num_prompts=num_prompts,
                                      repeats=repeats, steps=eval_steps, **run)  # fmt: skip
-            _io_retry(_gpu(evaluation, p)).set_caching_options(False).set_display_name("evaluate")
+            _retry(_gpu(evaluation, p), retries).set_caching_options(False).set_display_name("evaluate")
 
             promote = promote_op(metric=promote_metric, report=evaluation.output, model=gates.output, **track)
-            _io_retry(_common(promote, p, cpu="1", memory="2Gi")).set_caching_options(False)
+            _retry(_common(promote, p, cpu="1", memory="2Gi"), retries).set_caching_options(False)
             promote.set_display_name("promote")
 
     return mole_pipeline

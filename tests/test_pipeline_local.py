@@ -51,7 +51,8 @@ def test_local_run_tracks_the_lineage_chain(tracked: Path) -> None:
     # The registry is the hand-off: experts and gates were trained from registered versions.
     candidate = client.get_model_version_by_alias("mole", "candidate")
     assert client.get_model_version_by_alias("mole", "champion").version == candidate.version  # first: promoted
-    assert stages["expert:face"].data.params["base"].endswith("/base")  # downloaded from models:/mole-stage1/1
+    assert stages["expert:face"].data.params["base"] == "models:/mole-stage1/1"
+    assert "/.models/base/" in stages["expert:face"].data.params["base_local"]  # downloaded from the registry
     chain = tracking.lineage("models:/mole@candidate")
     by_stage = {step["stage"]: step for step in chain}
     assert set(by_stage) >= {"gates", "stage1", "expert:face", "expert:hand", "curate:scenes"}

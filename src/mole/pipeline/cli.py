@@ -74,7 +74,8 @@ def run_local(
     images = sorted(ws.glob("runs/*/evaluate/images"))
     typer.echo(f"\npipeline finished in {result['seconds']:.0f} s; working folder {ws}")
     if os.environ.get("MOLE_TRACKING", "on").lower() not in ("0", "off", "false", "no"):
-        typer.echo(f"MLflow runs (experiment '{result['params'].get('experiment', 'mole')}') tracked at {uri}:")
+        experiment = result["params"].get("experiment") or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "mole"
+        typer.echo(f"MLflow runs (experiment '{experiment}') tracked at {uri}:")
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             typer.echo("  make mlflow-ui   # then open http://127.0.0.1:5000 (runs, lineage, registered models)")
         typer.echo("  registered models: mole-stage1, mole-expert-*, mole (aliases candidate / champion)")

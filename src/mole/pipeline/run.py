@@ -142,15 +142,15 @@ def run_local(
     experts: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Run the whole DAG here with kfp's local SubprocessRunner (every step a subprocess of this Python, the
-    parallel branches one after the other), on the embedded default unless ``params`` say otherwise.
+    parallel branches one after the other), on the embedded default unless ``params`` say otherwise. Steps are
+    not retried here: a local failure is not a transient one, so it is reported at once.
 
     Returns:
-        ``{"seconds", "workspace", "params", "outputs"}`` where outputs holds the promote step's message.
+        ``{"seconds", "workspace", "params"}``.
     """
     from kfp import local
 
-    module = pipeline_module()
-    func = module.build_pipeline(experts) if experts else module.mole_pipeline
+    func = pipeline_module().build_pipeline(experts, retries=0)
     workspace = Path(workspace).resolve()
     workspace.mkdir(parents=True, exist_ok=True)
     args = {**EMBEDDED_PARAMS, "workspace": str(workspace), **dict(params or {})}

@@ -203,9 +203,11 @@ def stage1_distributed(
     """Stage 1 on ``nodes`` × ``gpus_per_node`` GPUs as a TrainJob / PyTorchJob (see :mod:`mole.pipeline.trainjob`);
     waits for it and returns the stage-1 model URI from the shared workspace."""
     from mole.pipeline.trainjob import DistributedSpec, run_distributed
+    from mole.tracking import DEFAULT_EXPERIMENT
 
     out = Path(workdir) / "stage1"
-    env = {"MOLE_PARENT_RUN_ID": parent_run_id, "MLFLOW_EXPERIMENT_NAME": experiment or "mole",
+    experiment = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME", "") or DEFAULT_EXPERIMENT
+    env = {"MOLE_PARENT_RUN_ID": parent_run_id, "MLFLOW_EXPERIMENT_NAME": experiment,
            "TORCH_EXTENSIONS_DIR": f"{mount_path}/.cache/torch_extensions"}  # fmt: skip
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         if os.environ.get(name):

@@ -111,7 +111,10 @@ def train_stage(
 
         torch.manual_seed(cfg.seed)  # the LoRA init draws random numbers: the seed must cover it too
         spec = build_stage(stage, cfg, config.model, base_model, expert_name=expert_name, experts=stage_experts)
-        params = {"stage": stage, "base": base_model, "model": config.model.model_dump(), stage: cfg.model_dump()}
+        params = {"stage": stage, "base": upstream["base"], "model": config.model.model_dump(),
+                  stage: cfg.model_dump()}  # fmt: skip
+        if base_model != upstream["base"]:  # fetched from the registry: where its copy is
+            params["base_local"] = base_model
         metrics = None
         if run is not None:
             _record_lineage(run, index, str(cfg.data), upstream)
