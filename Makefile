@@ -64,9 +64,11 @@ format: $(STAMP)
 test: $(STAMP) chromium lint
 	$(BIN)/python -m pytest -q
 
+# Every benchmark (MoLE's cost vs its FLOP bound and peers, training, curation, the demo's wall time) into
+# bench/results/latest.json and latest.md: ~25 min, the demo alone 6-10. `make bench BENCH_QUICK=1`: fewer
+# repeats and no demo (its earlier figure stays).
 bench: $(STAMP)
-	$(BIN)/python bench/layer_fused_vs_naive.py
-	$(BIN)/python bench/curate_throughput.py
+	$(BIN)/python -m bench.run_all $(if $(BENCH_QUICK),--quick)
 
 # The MLflow UI on the local store that `mole train` tracks into by default.
 mlflow-ui: $(STAMP)

@@ -1,0 +1,265 @@
+"""``bench/results/latest.md``: the results file as Markdown, one table per section, each target of issue 10 with
+its figure and whether it is met.
+
+A section that was not measured (no GPU) says so and why; a section missing from the results file (never run)
+is listed as such. Every section carries the time and load of the run that produced it, because sections can
+come from different runs.
+
+    python -m bench.report            # rewrite latest.md from latest.json
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from bench.common import LATEST_JSON, LATEST_MD, load_results
+
+#: Issue 10's targets: MoLE time over base time at most this many times the FLOP bound (mid on CPU, SD1.5 on GPU).
+TIME_OVER_BOUND_MAX = 1.05
+#: ``speedup_vs_naive`` at mid size at least this.
+SPEEDUP_VS_NAIVE_MIN = 1.2
+#: Stage 1 on the GPU: peak memory under this (bytes), and at least the plain loop's samples/s.
+PEAK_MEMORY_MAX_BYTES = 40e9
+
+
+def _f(value: float | None, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _verdict(ok: bool | None) -> str:
+    return "—" if ok is None else ("**met**" if ok else "**missed**")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return [*lines, ""]
+
+
+def _stamp(section: Mapping[str, Any]) -> str:
+    m = section.get("machine", {})
+    load = m.get("load_average") or [m.get("load_average_1m")]
+    load_s = "/".join(_f(x, 2) for x in load if x is not None) or "—"
+    return (
+        f"_Measured {section.get('measured_at', '?')} on {m.get('cpu', '?')} ({m.get('cpu_count', '?')} cores), "
+        f"load average (1/5/15 min) at the end: {load_s}; OMP_WAIT_POLICY={m.get('omp_wait_policy', '?')}._"
+    )
+
+
+_COST_HEADER = [
+    "size", "device", "base ms", "MoLE/base", "paired", "FLOP bound", "w/o attention", "time/bound", "vs naive",
+    "naive/base", "peft/base", "MoLE fixed/base", "notes",
+]  # fmt: skip
+
+
+def _cost_row(name: str, r: Mapping[str, Any]) -> list[str]:
+    flops = [_f(r["flop_ratio"]), _f(r.get("flop_ratio_no_attention"))]
+    if "time_ratio" not in r:
+        return [name, "—", "—", "—", "—", *flops, *["—"] * 5, f"timing skipped: {r['skipped']}"]
+    peers = r["peers"]
+    device = f"{r['device']} ×{r['threads']}" if r.get("threads") else r["device"]
+    load = f"{_f(r.get('load_average_1m_before'), 1)}→{_f(r.get('load_average_1m_after'), 1)}"
+    return [
+        name, device, _f(r["time_ms"]["base"], 1), _f(r["time_ratio"]), _f(r.get("time_ratio_paired")), *flops,
+        _f(r["time_over_flop_bound"]), _f(r["speedup_vs_naive"], 2), _f(peers["naive"]["time_ratio"]),
+        _f(peers["peft"]["time_ratio"]), _f(peers["mole_fixed"]["time_ratio"]), f"{r['repeats']} repeats, load {load}",
+    ]  # fmt: skip
+
+
+def _mole_cost(sec: Mapping[str, Any]) -> list[str]:
+    rows = [_cost_row(name, sec[name]) for name in ("tiny", "mid", "sd15") if name in sec]
+    targets = []
+    for name, where in (("mid", "CPU"), ("sd15", "GPU")):
+        r = sec.get(name)
+        label = f"{name} ({where}): MoLE/base time ≤ {TIME_OVER_BOUND_MAX} × FLOP bound"
+        if r is None or "time_ratio" not in r:
+            reason = (r or {}).get("skipped", "not run")
+            targets.append([label, "not measured", f"— ({reason})"])
+        else:
+            limit = TIME_OVER_BOUND_MAX * r["flop_ratio"]
+            figure = f"{r['time_ratio']:.3f} vs {limit:.3f} ({r['time_over_flop_bound']:.3f} × bound)"
+            targets.append([label, figure, _verdict(r["time_ratio"] <= limit)])
+    mid = sec.get("mid")
+    label = f"mid: speedup_vs_naive ≥ {SPEEDUP_VS_NAIVE_MIN}"
+    if mid is None or "time_ratio" not in mid:
+        targets.append([label, "not measured", "—"])
+    else:
+        s = mid["speedup_vs_naive"]
+        targets.append([label, _f(s, 2), _verdict(s is not None and s >= SPEEDUP_VS_NAIVE_MIN)])
+    return [
+        "## MoLE inference cost (`mole_cost`)",
+        "",
+        "UNet forward with two experts (local + global gates) over the base UNet's: MoLE/base is the ratio of "
+        "the medians over interleaved repeats (the figure the targets use), paired the median of the per-round "
+        "ratios; where they differ the machine's load drifted during the run. FLOP bound = MoLE FLOPs / base "
+        "FLOPs (torch FlopCounterMode, attention included; w/o attention: as FlopCounterMode counts by itself on "
+        "CPU, which has no formula for the CPU attention kernel). "
+        "speedup vs naive = (naive − base) / (MoLE − base). Peers: naive MoLE (four matmuls per layer), peft "
+        "mixing two LoRA adapters by `set_adapters`, and MoLE at the same fixed weights as peft.",
+        "",
+        *_table(_COST_HEADER, rows),
+        *_table(["target", "figure", "verdict"], targets),
+        _stamp(sec),
+        "",
+    ]
+
+
+def _layer(sec: Mapping[str, Any]) -> list[str]:
+    rows = [
+        [name, _f(r["base_ms"], 2), _f(r["fused_over_base"]), _f(r["naive_over_base"]),
+         _f(r["speedup_vs_naive"], 2), _f(r["flop_ratio"])]
+        for name, r in sec.get("shapes", {}).items()
+    ]  # fmt: skip
+    return [
+        "## One MoLE layer, fused vs naive (`layer`)",
+        "",
+        f"SD1.5 layer shapes, two experts, local + global gates, forward only, {sec.get('threads')} threads.",
+        "",
+        *_table(["shape", "base ms", "fused/base", "naive/base", "vs naive", "FLOP bound (no gates)"], rows),
+        _stamp(sec),
+        "",
+    ]
+
+
+def _training(sec: Mapping[str, Any]) -> list[str]:
+    tiny = sec.get("tiny_cpu", {})
+    rows = [
+        [name, _f(r["samples_per_second"], 2), str(r["batch_size"]), str(r["steps"]), _f(r["wall_seconds"], 1)]
+        for name, r in tiny.get("stages", {}).items()
+    ]
+    lines = [
+        "## Training throughput (`training`)",
+        "",
+        f"Tiny model on CPU ({tiny.get('threads', '?')} threads), each stage through `mole.train.train_stage`: "
+        "samples/s is the median over logging windows, the first left out.",
+        "",
+        *_table(["stage", "samples/s", "batch", "steps", "wall s (incl. load + checkpoint)"], rows),
+    ]
+    gpu = sec.get("sd15_stage1_gpu", {})
+    speed_label = "stage 1 on GPU (SD1.5, 512², bf16, ZeRO-2): samples/s ≥ plain loop's"
+    mem_label = "stage 1 on GPU, UNet + text encoder at batch 8 (bf16): peak memory < 40 GB"
+    if "skipped" in gpu or not gpu:
+        reason = gpu.get("skipped", "not run")
+        lines.append(
+            f"Stage 1 on SD1.5's architecture on a GPU against a plain diffusers-like loop: skipped ({reason})."
+        )
+        lines.append("")
+        targets = [[speed_label, "not measured", f"— ({reason})"], [mem_label, "not measured", f"— ({reason})"]]
+    else:
+        mole, plain = gpu["mole"], gpu["plain"]
+        lines += _table(
+            ["loop", "samples/s", "peak memory GiB"],
+            [["mole", _f(mole["samples_per_second"], 2), _f(mole.get("peak_memory_gib"), 1)],
+             ["plain (diffusers-like)", _f(plain["samples_per_second"], 2), _f(plain.get("peak_memory_gib"), 1)]],
+        )  # fmt: skip
+        peak = mole.get("peak_memory_gib")
+        targets = [
+            [speed_label, f"{gpu['speed_vs_plain']:.3f} × plain", _verdict(gpu["speed_vs_plain"] >= 1.0)],
+            [
+                mem_label,
+                f"{_f(peak, 1)} GiB",
+                _verdict(None if peak is None else peak * 2**30 < PEAK_MEMORY_MAX_BYTES),
+            ],
+        ]
+    return [*lines, *_table(["target", "figure", "verdict"], targets), _stamp(sec), ""]
+
+
+def _curation(sec: Mapping[str, Any]) -> list[str]:
+    rows = [
+        [kind, "×".join(map(str, r["input_size"])), str(r["images"]), _f(r["images_per_second_per_core"], 2),
+         _f(r["images_per_wall_second"], 2), f"{r['kept']} kept, {r['samples']} samples", r["filters"]]
+        for kind in ("scenes", "faces") if (r := sec.get(kind))
+    ]  # fmt: skip
+    return [
+        "## Curation throughput (`curation`)",
+        "",
+        "`curate` with one worker, one torch and one OpenCV thread; images/s/core is per second of this "
+        "process's CPU time. No target in the issue: reported as measured.",
+        "",
+        *_table(["kind", "input", "images", "img/s/core", "img/s wall", "output", "filters"], rows),
+        _stamp(sec),
+        "",
+    ]
+
+
+def _demo(sec: Mapping[str, Any]) -> list[str]:
+    status = f"failed: {sec['error'][:200]}" if sec.get("error") else "ok"
+    return [
+        "## End to end (`demo`)",
+        "",
+        "Wall time of `make demo` into a temporary folder (setup not timed). No target in the issue.",
+        "",
+        *_table(
+            ["command", "wall s", "status"], [[f"`{sec.get('command')}`", _f(sec.get("wall_seconds"), 1), status]]
+        ),
+        _stamp(sec),
+        "",
+    ]
+
+
+def _run(sec: Mapping[str, Any]) -> list[str]:
+    left_out = sec.get("left_out", {})
+    rows = [
+        [name, r.get("finished_at", "?") + (f" (left out now: {left_out[name]})" if name in left_out else ""),
+         _f(r["seconds"], 0), str(r["returncode"]),
+         f"{_f(r['load_average_1m_before'], 2)} → {_f(r['load_average_1m_after'], 2)}"]
+        for name, r in sec.get("benchmarks", {}).items()
+    ]  # fmt: skip
+    return [
+        "## Runs (`run`)",
+        "",
+        f"`python -m bench.run_all{' --quick' if sec.get('quick') else ''}`, one process per benchmark; a "
+        "benchmark left out of the last run keeps the record of the run that wrote its section.",
+        "",
+        *_table(["benchmark", "finished", "seconds", "exit", "load average 1 min (before → after)"], rows),
+        _stamp(sec),
+        "",
+    ]
+
+
+SECTIONS = {
+    "mole_cost": _mole_cost,
+    "layer": _layer,
+    "training": _training,
+    "curation": _curation,
+    "demo": _demo,
+    "run": _run,
+}
+
+
+def render(results: Mapping[str, Any]) -> str:
+    """The Markdown summary of a results file's contents."""
+    versions = results.get("versions", {})
+    lines = [
+        "# Benchmarks (issue 10)",
+        "",
+        "Written by `make bench` (`python -m bench.run_all`) from `bench/results/latest.json`. Figures are ratios "
+        "measured within one run, on a shared machine: see each section's load average.",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+        "",
+    ]
+    for name, fn in SECTIONS.items():
+        if name in results:
+            lines += fn(results[name])
+        else:
+            lines += [f"## `{name}`", "", "Not run yet.", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(json_path: Path = LATEST_JSON, md_path: Path = LATEST_MD) -> Path:
+    md_path.write_text(render(load_results(json_path)), encoding="utf-8")
+    return md_path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.parse_args()
+    print(write_report())
+
+
+if __name__ == "__main__":
+    main()
