@@ -1,0 +1,274 @@
+"""The HTTP layer: FastAPI routes over a :class:`~mole.serve.service.Service`, and the uvicorn runner.
+
+Routes: ``POST /v1/generate`` (JSON with base64 PNGs, or one ``image/png`` when the client accepts only that),
+``GET /v1/info``, ``GET /healthz`` (the process answers), ``GET /readyz`` (the model is loaded),
+``GET /metrics`` (Prometheus) and ``GET /`` (a page to compare base and MoLE for one seed).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from mole.serve.schemas import (
+    MAX_GUIDANCE,
+    MAX_IMAGES,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_STEPS,
+    MIN_SIDE,
+    MODE_HELP,
+    GenerateRequest,
+    GenerateResponse,
+)
+from mole.serve.service import (
+    NotReady,
+    QueueFull,
+    RequestError,
+    RequestTimeout,
+    Service,
+    ServiceSettings,
+    redact,
+)
+
+logger = logging.getLogger(__name__)
+
+GENERATE_PATH = "/v1/generate"
+
+
+def _error(status: int, message: str, field: str | None = None, headers: Mapping[str, str] | None = None):
+    body: dict[str, Any] = {"message": message}
+    if field is not None:
+        body["detail"] = [{"loc": ["body", field], "msg": message, "type": "value_error"}]
+        body["message"] = f"{field}: {message}"
+    return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+
+
+def _wants_png(request: Request) -> bool:
+    accept = request.headers.get("accept", "")
+    return "image/png" in accept and "application/json" not in accept
+
+
+def create_app(service: Service, drain_timeout: float = 30.0) -> FastAPI:
+    """The FastAPI application; loading starts with the app's lifespan unless the service is loaded already.
+
+    Args:
+        drain_timeout: At shutdown, seconds that accepted requests still get before they are stopped (uvicorn
+            has already waited its graceful-shutdown timeout for the open connections by then).
+    """
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if service.state == "idle":
+            service.start_loading()
+        yield
+        await service.close(drain_timeout)
+
+    app = FastAPI(
+        title="MoLE generation service",
+        description="Text-to-image with a base model, its experts, or the full Mixture of Low-rank Experts.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    metrics = service.metrics
+
+    @app.middleware("http")
+    async def count_generations(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        if request.url.path != GENERATE_PATH:
+            return await call_next(request)
+        started = time.perf_counter()
+        response = await call_next(request)
+        mode = getattr(request.state, "mode", "none")
+        metrics.requests.labels(mode=mode, status=str(response.status_code)).inc()
+        if response.status_code == 200:
+            metrics.latency.labels(mode=mode).observe(time.perf_counter() - started)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = []
+        for e in exc.errors():
+            loc = [str(x) for x in e.get("loc", ())]
+            errors.append({"loc": loc, "msg": e.get("msg", ""), "type": e.get("type", "")})
+        message = "; ".join(f"{'.'.join(x['loc'][1:]) or 'body'}: {x['msg']}" for x in errors)
+        return JSONResponse({"message": message, "detail": errors}, status_code=422)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(resources.files("mole.serve").joinpath("page.html").read_text(encoding="utf-8"))
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """The process is alive and its event loop answers (liveness)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """200 once the model is loaded (readiness); 503 while it loads or after it failed to."""
+        body: dict[str, Any] = {"status": service.state}
+        if service.ready:
+            body["modes"] = list(service.modes)
+        if service.error:
+            body["error"] = service.error
+        return JSONResponse(body, status_code=200 if service.ready else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/info")
+    async def info() -> dict[str, Any]:
+        """What is loaded and what a request may ask for."""
+        return {
+            "model": service.description,
+            "state": service.state,
+            "modes": list(service.modes),
+            "mode_help": {m: MODE_HELP[m] for m in service.modes},
+            "experts": service.experts,
+            "gate": service.gate_kind,
+            "native_size": service.native_size,
+            "limits": {
+                "side": [MIN_SIDE, MAX_SIDE, 8], "steps": [1, MAX_STEPS], "guidance": [0.0, MAX_GUIDANCE],
+                "num_images": [1, MAX_IMAGES], "seed": [0, MAX_SEED], "clip_tokens": 77,
+                "concurrency": service.settings.concurrency, "max_queue": service.settings.max_queue,
+                "request_timeout": service.settings.request_timeout,
+            },
+        }  # fmt: skip
+
+    @app.post(
+        GENERATE_PATH,
+        response_model=GenerateResponse,
+        responses={
+            200: {"content": {"image/png": {}}, "description": "JSON, or the PNG itself with `Accept: image/png`."},
+            422: {"description": "A field out of bounds; `message` names it."},
+            429: {"description": "Queue full; retry after `Retry-After` seconds."},
+            503: {"description": "The model is not loaded (yet)."},
+            504: {"description": "Not finished within the per-request timeout."},
+        },
+    )
+    async def generate(body: GenerateRequest, request: Request) -> Response:
+        """Generate ``num_images`` images for one prompt in mode ``base``, ``experts`` or ``mole``."""
+        request.state.mode = body.mode or "default"
+        try:
+            mode, width, height = service.resolve(body)
+            request.state.mode = mode
+            png = _wants_png(request)
+            if png and body.num_images > 1:
+                raise RequestError("num_images", "image/png answers one image; accept application/json for more")
+            result = await service.submit(body, mode, width, height)
+        except RequestError as err:
+            return _error(422, err.message, field=err.field)
+        except NotReady as err:
+            return _error(503, str(err), headers={"Retry-After": "5"})
+        except QueueFull as err:
+            return _error(429, str(err), headers={"Retry-After": str(err.retry_after)})
+        except RequestTimeout as err:
+            return _error(504, str(err))
+        except Exception as err:  # a broken generation answers 500 and leaves the service up
+            logger.exception("generation failed (mode %s)", request.state.mode)
+            return _error(500, redact(f"generation failed: {type(err).__name__}: {err}"))
+        # Never the prompt in the logs: it is the user's text, not ours to keep.
+        logger.info(
+            "generated mode=%s %dx%d steps=%d images=%d queue=%.2fs generate=%.2fs",
+            mode, width, height, body.steps, len(result.pngs), result.queue_seconds, result.generate_seconds,
+        )  # fmt: skip
+        headers = {"X-Mole-Mode": mode, "X-Mole-Seed": str(result.seeds[0])}
+        if png:
+            return Response(result.pngs[0], media_type="image/png", headers=headers)
+        payload = GenerateResponse(
+            mode=mode, width=width, height=height, steps=body.steps, guidance=body.guidance,
+            images=[{"seed": s, "png_base64": b} for s, b in zip(result.seeds, result.png_base64(), strict=True)],
+            gates=result.gates, queue_seconds=result.queue_seconds, generate_seconds=result.generate_seconds,
+        )  # fmt: skip
+        return JSONResponse(payload.model_dump(by_alias=True), headers=headers)
+
+    return app
+
+
+def make_loader(
+    model: str,
+    experts: Mapping[str, str] | None = None,
+    gates: str | os.PathLike[str] | None = None,
+    device: str | None = None,
+) -> Callable[[], Any]:
+    """A function that loads ``model`` (a diffusers folder, or a registered ``models:/NAME@ALIAS``).
+
+    Checks what can be checked without loading, so that a wrong path fails before the server starts.
+    """
+    if model.startswith(("models:/", "runs:/")):
+        if experts or gates:
+            raise ValueError(f"{redact(model)} is a registered MoLE model with its own experts and gates; "
+                             "drop --experts/--gates")  # fmt: skip
+
+        def load_registered() -> Any:
+            from mole.tracking import load_registered_pipeline
+
+            pipe = load_registered_pipeline(model)
+            return pipe.to(device) if device else pipe
+
+        return load_registered
+    path = Path(model)
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"{path} is not a diffusers model folder (no model_index.json)")
+    if gates is not None and not experts:
+        raise ValueError("--gates needs the experts they were trained with (--experts NAME=PATH ...)")
+    for name, p in (experts or {}).items():
+        if not Path(p).exists():
+            raise FileNotFoundError(f"expert {name!r}: {p} does not exist")
+    if gates is not None and not Path(gates).is_file():
+        raise FileNotFoundError(f"gates file not found: {gates}")
+
+    def load_local() -> Any:
+        from mole.generate import load_pipeline
+
+        return load_pipeline(path, dict(experts) if experts else None, gates, device=device)
+
+    return load_local
+
+
+def run_server(
+    loader: Callable[[], Any],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    settings: ServiceSettings | None = None,
+    description: str = "",
+    shutdown_timeout: float = 60.0,
+) -> int:
+    """Serve until SIGINT/SIGTERM; requests in flight are finished first (up to ``shutdown_timeout`` s).
+
+    Returns:
+        0 after a clean shutdown, 1 when the model failed to load (the server stops at once then, so that an
+        orchestrator restarts it and a person sees the error).
+    """
+    import uvicorn
+
+    server: uvicorn.Server | None = None
+    failed: list[BaseException] = []
+
+    def on_load_error(err: BaseException) -> None:
+        failed.append(err)
+        if server is not None:
+            server.should_exit = True
+
+    service = Service(loader, settings, description=description, on_load_error=on_load_error)
+    app = create_app(service, drain_timeout=shutdown_timeout)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_config=None, timeout_graceful_shutdown=shutdown_timeout, lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    logger.info("serving %s on http://%s:%d (page at /, API at /v1/generate, docs at /docs)",
+                service.description, host, port)  # fmt: skip
+    server.run()
+    return 1 if failed else 0
