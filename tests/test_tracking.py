@@ -179,3 +179,40 @@ def test_lineage_reaches_the_curation_run(tracked, tiny_model_dir, tmp_path) -> 
     assert chain["curate:scenes"]["run_id"] == curate_run
     assert chain["stage1"]["upstream"]["curate"] == curate_run
     assert chain["stage1"]["datasets"][0]["digest"] == index.digest
+
+
+def test_s3_down_fails_clearly_and_registers_nothing(s3_server, tiny_model_dir, tmp_path, monkeypatch) -> None:
+    """The tracking server's artifact store (S3) is down: the stage fails with an error that says so, its run is
+    FAILED, and no registered version points at artifacts that were never stored."""
+    import mlflow
+    from tests.mlflow_server import free_port, running_mlflow_server
+
+    from mole import tracking
+    from mole.data.synthetic import write_dataset
+    from mole.train import load_config, train_stage
+    from mole.train.config import parse_overrides
+
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    s3_env = {"MLFLOW_S3_ENDPOINT_URL": dead, "AWS_ACCESS_KEY_ID": s3_server.access_key,
+              "AWS_SECRET_ACCESS_KEY": s3_server.secret_key, "AWS_MAX_ATTEMPTS": "2"}  # fmt: skip
+    with running_mlflow_server(tmp_path, s3_env) as server:
+        monkeypatch.setenv("MOLE_TRACKING", "on")
+        monkeypatch.setenv("MOLE_SYSTEM_METRICS", "off")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+        monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "s3-down")
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # the server answers 500: do not wait minutes
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+        write_dataset(tmp_path / "faces", "faces", 4, seed=1, size=64)
+        cfg = load_config(TINY, parse_overrides(["experts.face.validation_prompts=[]"]))
+        with pytest.raises(tracking.ArtifactStoreError, match="could not store the face expert of run") as failure:
+            train_stage("expert", cfg, output=tmp_path / "face", data=str(tmp_path / "faces"),
+                        base=str(tiny_model_dir), max_steps=1, expert_name="face")  # fmt: skip
+        assert "nothing was registered" in str(failure.value) and server.uri in str(failure.value)
+        assert s3_server.secret_key not in str(failure.value)
+        client = mlflow.MlflowClient()
+        assert client.search_model_versions("name='mole-expert-face'") == []
+        runs = client.search_runs([client.get_experiment_by_name("s3-down").experiment_id])
+        assert [r.info.status for r in runs] == ["FAILED"]
+        assert not (tmp_path / "face" / "result.json").exists() or "version" not in json.loads(
+            (tmp_path / "face" / "result.json").read_text()
+        )

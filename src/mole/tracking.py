@@ -14,15 +14,18 @@ Tracking is on by default: ``MLFLOW_TRACKING_URI`` (default ``sqlite:///mlruns/m
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from mole.storage import StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +76,23 @@ def redact(params: Mapping[str, Any]) -> dict[str, Any]:
     return flat
 
 
+class ArtifactStoreError(StorageError):
+    """Artifacts could not be stored through the tracking server (its artifact store is down or refuses them).
+
+    Raised before anything is registered: a model version never points at artifacts that were not stored.
+    """
+
+
+def _where(uri: str) -> str:
+    """A tracking URI without credentials or query: what an error message may show."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme in ("http", "https"):
+        return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return parts.scheme or "file"
+
+
 class StageRun:
     """One MLflow run for one stage; also a :class:`mole.train.metrics.MetricsLogger`.
 
@@ -104,7 +124,24 @@ class StageRun:
         self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
     def log_artifact(self, path: Path, kind: str) -> None:
-        self._mlflow.log_artifact(str(path), artifact_path=kind)
+        with self._storing(f"the {kind} artifact {path.name}"):
+            self._mlflow.log_artifact(str(path), artifact_path=kind)
+
+    @contextlib.contextmanager
+    def _storing(self, what: str) -> Iterator[None]:
+        """Turn a failed artifact upload (MLflow's own exception, after its retries) into an error that says what
+        was being stored, where, and that nothing was registered."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            yield
+        except (MlflowException, OSError) as err:
+            cause = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+            raise ArtifactStoreError(
+                f"could not store {what} of run {self.run_id} ({self.stage}) through the tracking server at "
+                f"{_where(self._mlflow.get_tracking_uri())}: its artifact store (S3) may be down or refusing "
+                f"uploads; nothing was registered. Cause: {cause}"
+            ) from err
 
     def close(self, status: str = "FINISHED") -> None:
         if self._mlflow.active_run() is not None and self._mlflow.active_run().info.run_id == self.run_id:
@@ -146,11 +183,12 @@ class StageRun:
 
     # --- registry --------------------------------------------------------------------------------------
     def register_stage1(self, model_dir: Path) -> ModelRef:
-        info = self._mlflow.pyfunc.log_model(
-            name="model", python_model=mole_pyfunc(), artifacts={"base": str(model_dir)},
-            model_config={"experts": {}, "gates": False}, registered_model_name=REGISTERED["stage1"],
-            pip_requirements=_requirements(),
-        )  # fmt: skip
+        with self._storing("the stage-1 model"):
+            info = self._mlflow.pyfunc.log_model(
+                name="model", python_model=mole_pyfunc(), artifacts={"base": str(model_dir)},
+                model_config={"experts": {}, "gates": False}, registered_model_name=REGISTERED["stage1"],
+                pip_requirements=_requirements(),
+            )  # fmt: skip
         return self._ref(info, REGISTERED["stage1"])
 
     def register_expert(self, expert: str, lora_file: Path, base_uri: str) -> ModelRef:
@@ -158,7 +196,7 @@ class StageRun:
         import tempfile
 
         name = expert_model_name(expert)
-        with tempfile.TemporaryDirectory() as staging:
+        with tempfile.TemporaryDirectory() as staging, self._storing(f"the {expert} expert"):
             # Only the adapter: the stage's folder also holds checkpoints and the downloaded base model.
             for f in (lora_file, lora_file.parent / "adapter_config.json"):
                 if f.is_file():
@@ -174,7 +212,7 @@ class StageRun:
         import shutil
         import tempfile
 
-        with tempfile.TemporaryDirectory() as staging:
+        with tempfile.TemporaryDirectory() as staging, self._storing("the MoLE model"):
             # MLflow stores artifacts under their base names, and every expert file is called
             # pytorch_lora_weights.safetensors: give each expert (and the gates) a folder of its own.
             artifacts = {"base": str(base_dir)}
