@@ -65,8 +65,8 @@ test: $(STAMP) chromium lint
 	$(BIN)/python -m pytest -q
 
 # Every benchmark (MoLE's cost vs its FLOP bound and peers, training, curation, the demo's wall time) into
-# bench/results/latest.json and latest.md: ~25 min, the demo alone 6-10. `make bench BENCH_QUICK=1`: fewer
-# repeats and no demo (its earlier figure stays).
+# bench/results/latest.json and latest.md: ~6 min plus the demo's 4-15 (both grow with the machine's load).
+# `make bench BENCH_QUICK=1`: fewer repeats and no demo (its earlier figure stays).
 bench: $(STAMP)
 	$(BIN)/python -m bench.run_all $(if $(BENCH_QUICK),--quick)
 

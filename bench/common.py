@@ -125,6 +125,18 @@ def overhead_ratio(naive: float, base: float, mole: float) -> float | None:
     return (naive - base) / added
 
 
+def paired_overhead_ratio(naive: list[float], base: list[float], mole: list[float]) -> float | None:
+    """``speedup_vs_naive`` from per-round differences: median(naive_k − base_k) / median(mole_k − base_k).
+
+    Each round's variants run back to back, so a difference within a round cancels load that drifts between
+    rounds; a ratio of two small differences of medians does not, and swings with the load.
+    """
+    added = statistics.median(m - b for m, b in zip(mole, base, strict=True))
+    if added <= 0:
+        return None
+    return statistics.median(n - b for n, b in zip(naive, base, strict=True)) / added
+
+
 def load_results(path: Path = LATEST_JSON) -> dict[str, Any]:
     if path.is_file():
         data = json.loads(path.read_text(encoding="utf-8"))

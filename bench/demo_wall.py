@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -63,6 +64,8 @@ def main() -> None:
     report = measure()
     update_results("demo", report)
     print(json.dumps(report, indent=2))
+    if "error" in report:  # recorded, and the run says it failed
+        sys.exit(1)
 
 
 if __name__ == "__main__":

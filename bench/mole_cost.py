@@ -12,6 +12,7 @@ Per size, in ``mole_cost.<size>`` of ``bench/results/latest.json``:
   ratio is held to; ``flop_ratio_no_attention`` leaves the attention kernels out, as FlopCounterMode does by
   itself on CPU, where it has no formula for the CPU SDPA kernel;
 * ``speedup_vs_naive``: (naive − base) / (MoLE − base), how much less the fused layers add than naive ones;
+  ``speedup_vs_naive_paired`` takes the same ratio from per-round differences (robust to drifting load);
 * ``peers``: time ratios of ``naive``, ``peft`` and ``mole_fixed`` (MoLE with fixed weights, peft's peer);
 * ``load_average_1m_before`` / ``_after``: how busy the (shared) machine was around the timing.
 
@@ -32,7 +33,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.common import interleaved, load_average_1m, median_ms, overhead_ratio, paired_ratio, update_results
+from bench.common import (
+    interleaved,
+    load_average_1m,
+    median_ms,
+    overhead_ratio,
+    paired_overhead_ratio,
+    paired_ratio,
+    update_results,
+)
 from bench.peers import SIZES, UNetSize, build_unet, build_variants, target_layers, unet_inputs
 
 logger = logging.getLogger("bench.mole_cost")
@@ -117,6 +126,7 @@ def measure(size: UNetSize, device: str, dtype: torch.dtype, repeats: int, warmu
         "time_ratio_paired": paired_ratio(times["mole"], times["base"]),
         **_flop_fields(flops),
         "speedup_vs_naive": overhead_ratio(med["naive"], med["base"], med["mole"]),
+        "speedup_vs_naive_paired": paired_overhead_ratio(times["naive"], times["base"], times["mole"]),
         "peers": {
             k: {"time_ratio": med[k] / med["base"], "flop_ratio": flops[k]["total"] / flops["base"]["total"]}
             for k in ("naive", "peft", "mole_fixed")

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from bench.common import load_results, overhead_ratio, update_results
+from bench.common import load_results, overhead_ratio, paired_overhead_ratio, update_results
 from bench.report import render
 
-REQUIRED = ("time_ratio", "flop_ratio", "speedup_vs_naive", "time_over_flop_bound", "peers", "time_ms")
+REQUIRED = ("time_ratio", "flop_ratio", "speedup_vs_naive", "speedup_vs_naive_paired", "time_over_flop_bound")
 
 
 def _cost(time_ratio: float, flop_ratio: float, speedup: float | None) -> dict:
@@ -46,6 +46,8 @@ def test_mole_cost_measure_on_tiny_has_the_issue_fields_and_agrees_with_naive():
 def test_overhead_ratio_is_naive_added_time_over_mole_added_time():
     assert overhead_ratio(naive=1.5, base=1.0, mole=1.25) == pytest.approx(2.0)
     assert overhead_ratio(naive=1.5, base=1.0, mole=0.99) is None
+    # Per round: base drifts 1 -> 3, the added times stay 0.5 (naive) and 0.25 (MoLE).
+    assert paired_overhead_ratio([1.5, 2.5, 3.5], [1.0, 2.0, 3.0], [1.25, 2.25, 3.25]) == pytest.approx(2.0)
 
 
 def test_update_results_keeps_other_sections_and_stamps_the_machine(tmp_path):
