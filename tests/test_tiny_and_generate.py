@@ -115,3 +115,20 @@ def test_generate_with_experts_and_with_gates(tiny_model_dir: Path, write_expert
     assert np.abs(images["experts"] - images["mole"]).max() > 0
     trace = json.loads((tmp_path / "trace.json").read_text())
     assert trace["experts"] == ["face", "hand"] and len(trace["local"]) == 2  # one entry per denoising step
+
+
+def test_tiny_vae_latents_carry_the_image(tiny_model_dir: Path) -> None:
+    """Scaled latents of synthetic images have unit spread and a posterior noise far below it (as a trained SD
+    VAE's), so the UNet can learn what the images show; with a raw random VAE the noise was 4× the image."""
+    from diffusers import AutoencoderKL
+
+    from mole.data.synthetic import draw_sample
+
+    vae = AutoencoderKL.from_pretrained(tiny_model_dir, subfolder="vae")
+    images = [draw_sample(kind, i, seed=7)[0] for kind in ("faces", "hands", "scenes") for i in range(3)]
+    pixels = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in images])).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        dist = vae.encode(pixels / 127.5 - 1).latent_dist
+    scale = vae.config.scaling_factor
+    assert 0.7 < (dist.mean * scale).std().item() < 1.4
+    assert (dist.std * scale).max().item() < 1e-2

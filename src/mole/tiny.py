@@ -4,8 +4,10 @@ Every part has the SD1.5 architecture (a cross-attention UNet whose transformer 
 ``proj_in``/``proj_out``, an 8× down-sampling VAE, a CLIP text encoder with a real byte-level BPE
 tokenizer, the SD1.5 noise schedule) at a size that runs a 64×64 image in a fraction of a second on a
 laptop CPU. Nothing is downloaded: the weights come from a seeded random init and the tokenizer's
-vocabulary is written by this module. The result is a standard diffusers folder, so the rest of the
-system (and plain ``diffusers.StableDiffusionPipeline.from_pretrained``) treats it like SD1.5.
+vocabulary is written by this module. The random VAE is calibrated to encode like a trained one (see
+:func:`_calibrate_vae`), so that the image content survives into the latents. The result is a standard
+diffusers folder, so the rest of the system (and plain ``diffusers.StableDiffusionPipeline.from_pretrained``)
+treats it like SD1.5.
 """
 
 from __future__ import annotations
@@ -127,6 +129,35 @@ def write_tokenizer(folder: str | os.PathLike[str]) -> Path:
     return folder
 
 
+#: Log-variance of the tiny VAE's posterior: std e^-10 ≈ 4.5e-5, negligible next to the latents' spread.
+_TINY_VAE_LOGVAR = -20.0
+
+
+def _calibrate_vae(vae) -> None:
+    """Make the random VAE encode like a trained one: a near-deterministic posterior, latents of unit spread.
+
+    A randomly initialised ``AutoencoderKL`` has log-variance ≈ 0, so its posterior std (≈ 0.93) is about four
+    times the spread of its means over images (≈ 0.26); with SD1.5's ``scaling_factor`` 0.18215 the image then
+    sits at std ≈ 0.05 under posterior noise of std ≈ 0.17 in every training latent, and the UNet cannot learn
+    what a face or a hand looks like (so experts cannot specialise and gates have nothing to tell apart). A
+    trained SD VAE has a posterior std far below its latents' spread, and SD's scaling factor is 1 / that
+    spread. So the log-variance half of ``quant_conv`` is set to a constant :data:`_TINY_VAE_LOGVAR`, and
+    ``scaling_factor`` to 1 / std of the means over a fixed set of synthetic images of every kind, as SD's
+    0.18215 was computed. Deterministic: the synthetic images are seeded and drawing them uses no torch RNG.
+    """
+    from mole.data.synthetic import KINDS, draw_sample
+
+    c = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.weight[c:].zero_()
+        vae.quant_conv.bias[c:].fill_(_TINY_VAE_LOGVAR)
+        images = [draw_sample(kind, i, seed=1, size=TINY_RESOLUTION)[0] for kind in sorted(KINDS) for i in range(8)]
+        pixels = torch.stack([torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8) for im in images])
+        pixels = pixels.view(len(images), TINY_RESOLUTION, TINY_RESOLUTION, 3).permute(0, 3, 1, 2).float() / 127.5 - 1
+        spread = vae.encode(pixels).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=round(1.0 / spread, 5))
+
+
 def build_tiny_pipeline(seed: int = 0):  # -> diffusers.StableDiffusionPipeline
     """Build the tiny SD1.x pipeline in memory, deterministically from ``seed``.
 
@@ -167,8 +198,9 @@ def build_tiny_pipeline(seed: int = 0):  # -> diffusers.StableDiffusionPipeline
             layers_per_block=1,
             norm_num_groups=8,
             sample_size=TINY_RESOLUTION,
-            scaling_factor=0.18215,
+            scaling_factor=0.18215,  # replaced below by the calibrated value
         )
+        _calibrate_vae(vae)
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 vocab_size=vocab_size,
