@@ -104,7 +104,9 @@ def test_gates_change_with_the_timestep_once_the_projection_is_trained(tiny_mode
         emb = unet.time_embedding(unet.time_proj(torch.tensor([50, 900])))  # [2, emb_dim]
         with timestep_embedding([layer], emb):
             zero = layer.gates(x)
-        assert torch.equal(zero[0], zero[1])  # at init the step changes nothing
+        # At init the step changes nothing: the two rows differ at most by the rounding of where a row sits in
+        # the batched matmul (exact equality of whole outputs is the previous test's).
+        torch.testing.assert_close(zero[0], zero[1], rtol=0, atol=1e-6)
         _randomize(unet, "mole_time", seed=5, scale=0.2)
         with timestep_embedding([layer], emb):
             moved = layer.gates(x)
