@@ -48,8 +48,9 @@ _SPECIAL_BOS = "<|startoftext|>"
 _SPECIAL_EOS = "<|endoftext|>"
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP/GPT-2's reversible map from bytes to printable unicode characters."""
+def bytes_to_unicode() -> dict[int, str]:
+    """CLIP/GPT-2's reversible map from bytes to printable unicode characters, in CLIP's order (it fixes the
+    vocabulary ids; the HPS v1 tokenizer in :mod:`mole.evaluate.scorers.openai_clip` uses it too)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     bs += list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -73,7 +74,7 @@ def build_vocab(words: list[str] | None = None) -> tuple[dict[str, int], list[st
     Returns:
         ``(vocab, merges)``: token → id, and merge rules as ``"left right"`` strings in rank order.
     """
-    symbols = list(_bytes_to_unicode().values())
+    symbols = list(bytes_to_unicode().values())
     vocab_list = symbols + [s + "</w>" for s in symbols]
     known = set(vocab_list)
     segmented = [[*list(w[:-1]), w[-1] + "</w>"] for w in dict.fromkeys(words if words is not None else _WORDS)]

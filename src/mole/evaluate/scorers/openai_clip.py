@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from mole.evaluate.scorers._common import empty_init, load_state_dict
+from mole.tiny import bytes_to_unicode
 
 logger = logging.getLogger(__name__)
 
@@ -271,21 +272,6 @@ def load_openai_clip(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable character table, in CLIP's order (it fixes the vocab ids)."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
-
-
 def clip_vocab_from_bpe(path: str | os.PathLike[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """CLIP's vocab and merges from the ``bpe_simple_vocab_16e6.txt.gz`` shipped in the clip/open_clip packages.
 
@@ -296,7 +282,7 @@ def clip_vocab_from_bpe(path: str | os.PathLike[str]) -> tuple[dict[str, int], l
     merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1] if line.strip()]
     if any(len(m) != 2 for m in merges):
         raise ValueError(f"{path} is not a CLIP BPE merges file")
-    vocab = list(_bytes_to_unicode().values())
+    vocab = list(bytes_to_unicode().values())
     vocab += [v + "</w>" for v in vocab]
     vocab += ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
