@@ -52,6 +52,27 @@ def test_tiny_clip_refuses_to_overwrite(clip_dir: Path) -> None:
     assert result.exit_code == 2 and "already holds a model" in result.output
 
 
+def test_tiny_clip_score_says_whether_the_image_shows_its_caption(clip_dir: Path) -> None:
+    """The embedded default's CLIP is trained on synthetic pairs, so its score means something: on pairs it never
+    saw, an image scores higher with its own caption than with a caption of another kind, and the training
+    record in the folder says so too."""
+    from mole.data.synthetic import generate
+    from mole.evaluate.scorers import build_scorer
+
+    scorer = build_scorer("clip", {"clip": {"model": str(clip_dir), "batch_size": 16}}, device="cpu")
+    pairs = {kind: list(generate(kind, 6, seed=4242)) for kind in ("faces", "hands", "feet", "scenes")}
+    images = [image for kind in pairs for image, _, _ in pairs[kind]]
+    own = [caption for kind in pairs for _, caption, _ in pairs[kind]]
+    other = own[6:] + own[:6]  # each image with the caption of the same index in the next kind
+    own_scores, other_scores = scorer.score(images, own), scorer.score(images, other)
+    assert float(torch.as_tensor(own_scores).mean()) > float(torch.as_tensor(other_scores).mean()) + 20.0
+    assert sum(a > b for a, b in zip(own_scores, other_scores, strict=True)) >= 20  # of 24
+    record = json.loads((clip_dir / "tiny_clip.json").read_text(encoding="utf-8"))
+    assert record["train_steps"] > 0
+    assert record["heldout_matched_cos"] > record["heldout_mismatched_cos"] + 0.3
+    assert record["heldout_top1"] > 10 * record["heldout_top1_chance"]
+
+
 def test_evaluate_run_compare_and_gates(tiny_model_dir: Path, clip_dir: Path, mole_parts, tmp_path: Path) -> None:
     experts, gates = mole_parts
     prompts = tmp_path / "prompts.txt"
