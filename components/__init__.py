@@ -5,8 +5,18 @@ installed in it, so nothing is pip-installed at run time. These modules do not u
 ``from __future__ import annotations``: kfp reads the parameter types from the real annotations.
 """
 
-from components.evaluate import evaluate_op, promote_op
+from components.evaluate import evaluate_baseline_op, evaluate_op, promote_op
 from components.lifecycle import finish_op, start_op
 from components.stages import data_op, expert_op, gates_op, stage1_op
 
-__all__ = ["data_op", "evaluate_op", "expert_op", "finish_op", "gates_op", "promote_op", "stage1_op", "start_op"]
+__all__ = [
+    "data_op",
+    "evaluate_baseline_op",
+    "evaluate_op",
+    "expert_op",
+    "finish_op",
+    "gates_op",
+    "promote_op",
+    "stage1_op",
+    "start_op",
+]

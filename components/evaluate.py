@@ -1,4 +1,4 @@
-"""Evaluation of the candidate and its promotion to champion."""
+"""Evaluation of the candidate and of the stage-1 baseline, and the candidate's promotion to champion."""
 
 from kfp import dsl
 
@@ -22,7 +22,22 @@ def evaluate_op(
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def promote_op(metric: str, report: str, model: str, tracking_uri: str, experiment: str) -> str:
+def evaluate_baseline_op(
+    model: str, prompts: str, workdir: str, scorers: str, scorer_config: str, num_prompts: int, repeats: int,
+    steps: int, parent_run_id: str, tracking_uri: str, experiment: str,
+) -> str:  # fmt: skip
+    """The stage-1 model alone on the same prompts, seeds and settings: the bar a first MoLE must clear."""
+    from mole.pipeline import steps as mole_steps
+
+    return mole_steps.evaluate(
+        model, model, [], "", prompts, workdir, scorers=scorers, scorer_config=scorer_config,
+        num_prompts=num_prompts, repeats=repeats, steps=steps, parent_run_id=parent_run_id,
+        tracking_uri=tracking_uri, experiment=experiment, label="stage 1", output="evaluate-stage1",
+    )  # fmt: skip
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def promote_op(metric: str, report: str, model: str, baseline: str, tracking_uri: str, experiment: str) -> str:
     from mole.pipeline import steps
 
-    return steps.promote(metric, report, model, tracking_uri, experiment)
+    return steps.promote(metric, report, model, tracking_uri, experiment, baseline=baseline)

@@ -1,7 +1,10 @@
 """The MoLE workflow as a Kubeflow Pipelines v2 pipeline.
 
-    start -> data (scenes ∥ faces ∥ hands) -> stage 1 -> (expert face ∥ expert hand ∥ ...) -> gates
-          -> evaluate -> promote;  exit handler: finish (the parent MLflow run FINISHED or FAILED)
+    start -> data (scenes ∥ faces ∥ hands) -> stage 1 -> (expert face ∥ expert hand ∥ ... ∥ evaluate stage 1)
+          -> gates -> evaluate -> promote;  exit handler: finish (the parent MLflow run FINISHED or FAILED)
+
+Promotion moves ``champion`` to the new MoLE version only if it beats the current champion or, on a first run,
+the stage-1 model evaluated on the same prompts and seeds.
 
 Compile with ``mole pipeline compile`` or the kfp CLI (``kfp dsl compile --py pipelines/mole_pipeline.py
 --function mole_pipeline --output pipelines/mole_pipeline.yaml``); the compiled YAML is committed and a test fails
@@ -24,7 +27,17 @@ from kfp import dsl, kubernetes
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # `components` lives beside `pipelines`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from components import data_op, evaluate_op, expert_op, finish_op, gates_op, promote_op, stage1_op, start_op
+from components import (
+    data_op,
+    evaluate_baseline_op,
+    evaluate_op,
+    expert_op,
+    finish_op,
+    gates_op,
+    promote_op,
+    stage1_op,
+    start_op,
+)
 from components.constants import IMAGE
 
 #: Expert name -> the close-up data kind it trains on (the paper's two experts).
@@ -195,7 +208,15 @@ def build_pipeline(
                                      repeats=repeats, steps=eval_steps, **run)  # fmt: skip
             _retry(_gpu(evaluation, p), retries).set_caching_options(False).set_display_name("evaluate")
 
-            promote = promote_op(metric=promote_metric, report=evaluation.output, model=gates.output, **track)
+            # Stage 1 alone on the same prompts and seeds, beside the experts: a first MoLE must beat it.
+            baseline = evaluate_baseline_op(model=stage1, prompts=start.outputs["prompts"], workdir=workdir,
+                                            scorers=scorers, scorer_config=start.outputs["scorer_config"],
+                                            num_prompts=num_prompts, repeats=repeats, steps=eval_steps,
+                                            **run)  # fmt: skip
+            _retry(_gpu(baseline, p), retries).set_caching_options(False).set_display_name("evaluate-stage1")
+
+            promote = promote_op(metric=promote_metric, report=evaluation.output, model=gates.output,
+                                 baseline=stage1, **track).after(baseline)  # fmt: skip
             _retry(_common(promote, p, cpu="1", memory="2Gi"), retries).set_caching_options(False)
             promote.set_display_name("promote")
 

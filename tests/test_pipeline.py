@@ -13,7 +13,7 @@ from mole.pipeline.run import compile_pipeline, parse_experts, parse_params, pip
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "pipelines" / "mole_pipeline.yaml"
-GPU_TASKS = {"stage1", "expert-face", "expert-hand", "gates", "evaluate"}
+GPU_TASKS = {"stage1", "expert-face", "expert-hand", "gates", "evaluate", "evaluate-stage1"}
 
 
 @pytest.fixture(autouse=True)
@@ -69,6 +69,11 @@ def test_experts_run_in_parallel_after_stage1() -> None:
     assert {key_of["expert-face"], key_of["expert-hand"]} <= gates_deps
     assert key_of["gates"] in tasks["evaluate"][0]["dependentTasks"]
     assert key_of["evaluate"] in tasks["promote"][0]["dependentTasks"]
+    # The stage-1 baseline is scored beside the experts (after stage 1 only) and before promotion reads it.
+    baseline_deps = set(tasks["evaluate-stage1"][0]["dependentTasks"])
+    assert stage1_group in baseline_deps and not baseline_deps & {key_of["expert-face"], key_of["gates"]}
+    assert key_of["evaluate-stage1"] in tasks["promote"][0]["dependentTasks"]
+    assert "baseline" in tasks["promote"][0]["inputs"]["parameters"]
     # The exit handler: finish runs whatever happens and gets the final status.
     finish = spec["root"]["dag"]["tasks"]["finish-op"]
     assert finish["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
@@ -118,11 +123,12 @@ def test_secrets_are_referenced_never_inlined() -> None:
 def test_caching_and_retries() -> None:
     spec, _ = _load(PACKAGE)
     tasks = _tasks(spec)
-    for name in ("stage1", "stage1-launch-trainjob", "expert-face", "expert-hand", "gates", "promote", "start"):
+    for name in ("stage1", "stage1-launch-trainjob", "expert-face", "expert-hand", "gates", "evaluate",
+                 "evaluate-stage1", "promote", "start"):  # fmt: skip
         assert tasks[name][0]["cachingOptions"].get("enableCache") is not True, f"{name} must not be cached"
     for name in ("data-scenes", "data-faces", "data-hands"):
         assert tasks[name][0]["cachingOptions"]["enableCache"] is True
-    for name in ("data-scenes", "evaluate", "promote", "start", "finish"):
+    for name in ("data-scenes", "evaluate", "evaluate-stage1", "promote", "start", "finish"):
         assert tasks[name][0]["retryPolicy"]["maxRetryCount"] == 3, name
 
 

@@ -31,6 +31,7 @@ def _runs(client, experiment: str):
 
 def test_local_run_tracks_the_lineage_chain(tracked: Path) -> None:
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     from mole import tracking
     from mole.pipeline.run import run_local
@@ -50,8 +51,16 @@ def test_local_run_tracks_the_lineage_chain(tracked: Path) -> None:
 
     # The registry is the hand-off: experts and gates were trained from registered versions.
     candidate = client.get_model_version_by_alias("mole", "candidate")
-    assert client.get_model_version_by_alias("mole", "champion").version == candidate.version  # first: promoted
     assert stages["expert:face"].data.params["base"] == "models:/mole-stage1/1"
+    # Promotion on a first run: champion only if the MoLE beats stage 1 scored on the same prompts and seeds.
+    mole_score = float(candidate.tags["mole.metric.clip"])
+    stage1_score = float(client.get_model_version("mole-stage1", "1").tags["mole.metric.clip"])
+    try:
+        champion = client.get_model_version_by_alias("mole", "champion").version
+    except MlflowException:
+        champion = None
+    assert champion == (candidate.version if mole_score > stage1_score else None), (mole_score, stage1_score)
+    assert result["promotion"].startswith("champion ->" if champion else f"candidate version {candidate.version}")
     assert "/.models/base/" in stages["expert:face"].data.params["base_local"]  # downloaded from the registry
     chain = tracking.lineage("models:/mole@candidate")
     by_stage = {step["stage"]: step for step in chain}
@@ -64,6 +73,7 @@ def test_local_run_tracks_the_lineage_chain(tracked: Path) -> None:
     assert float(candidate.tags["mole.metric.clip"]) >= 0.0
     workdir = next((tracked / "ws" / "runs").iterdir())
     assert len(list((workdir / "evaluate" / "images").rglob("*.png"))) == 6  # 3 prompts × 2 repeats
+    assert len(list((workdir / "evaluate-stage1" / "images").rglob("*.png"))) == 6  # the baseline, the same
     assert result["seconds"] > 0
 
 

@@ -79,6 +79,8 @@ def run_local(
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             typer.echo("  make mlflow-ui   # then open http://127.0.0.1:5000 (runs, lineage, registered models)")
         typer.echo("  registered models: mole-stage1, mole-expert-*, mole (aliases candidate / champion)")
+        if result.get("promotion"):
+            typer.echo(f"  promotion: {result['promotion']}")
         typer.echo("  mole lineage --model models:/mole@candidate")
     if images:
         typer.echo(f"evaluation images: {images[-1]}  (report: {images[-1].parent / 'report.md'})")

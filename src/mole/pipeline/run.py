@@ -146,7 +146,8 @@ def run_local(
     not retried here: a local failure is not a transient one, so it is reported at once.
 
     Returns:
-        ``{"seconds", "workspace", "params"}``.
+        ``{"seconds", "workspace", "params", "promotion"}``: ``promotion`` is what the promote step said (the new
+        champion, or why ``champion`` was left alone), "" when the run did not get there.
     """
     from kfp import local
 
@@ -158,7 +159,18 @@ def run_local(
     started = time.monotonic()
     func(**args)
     seconds = time.monotonic() - started
-    return {"seconds": seconds, "workspace": str(workspace), "params": args}
+    return {"seconds": seconds, "workspace": str(workspace), "params": args, "promotion": _promotion(workspace)}
+
+
+def _promotion(workspace: Path) -> str:
+    """The promote step's output of the newest local run under ``workspace`` ("" when there is none)."""
+    outputs = sorted((workspace / "kfp").glob("*/promote-op/executor_output.json"), key=lambda f: f.stat().st_mtime)
+    if not outputs:
+        return ""
+    try:
+        return str(json.loads(outputs[-1].read_text(encoding="utf-8"))["parameterValues"]["Output"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def submit(

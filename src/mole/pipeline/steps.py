@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -241,10 +242,11 @@ def stage1_distributed(
 def evaluate(
     model: str, base_model: str, experts: list[str], gates: str, prompts: str, workdir: str, *, scorers: str,
     scorer_config: str, num_prompts: int, repeats: int, steps: int, seed: int = 0, parent_run_id: str = "",
-    tracking_uri: str = "", experiment: str = "",
+    tracking_uri: str = "", experiment: str = "", label: str = "mole", output: str = "evaluate",
 ) -> str:  # fmt: skip
-    """Evaluate the MoLE model (the registered version when ``model`` is a ``models:/`` URI, else base + experts +
-    gates); scores go onto the version for promotion. Returns the report as JSON."""
+    """Evaluate a model: the registered version when ``model`` is a ``models:/`` URI, else base + experts + gates
+    (the base alone with no experts and no gates, as for the stage-1 baseline); scores go onto the registered
+    version for promotion. Images and scores go under ``workdir/output``. Returns the report as JSON."""
     from mole.evaluate.runner import EvalSettings, evaluate_tracked
     from mole.storage import localize
 
@@ -255,17 +257,21 @@ def evaluate(
     registered = model.startswith("models:/")
     settings = EvalSettings(
         model=model if registered else base_model,
-        experts={} if registered else dict(e.split("=", 1) for e in experts), gates=None if registered else gates,
+        experts={} if registered else dict(e.split("=", 1) for e in experts),
+        gates=None if registered or not gates else gates,
         prompts=prompts, num_prompts=num_prompts, repeats=repeats, seed=seed, steps=steps,
         scorers=[s.strip() for s in scorers.split(",") if s.strip()], scorer_config=json.loads(scorer_config or "{}"),
-        label="mole",
+        label=label,
     )  # fmt: skip
-    report = evaluate_tracked(settings, Path(workdir) / "evaluate")
+    report = evaluate_tracked(settings, Path(workdir) / output)
     return json.dumps({k: report[k] for k in ("label", "num_prompts", "repeats", "scores")})
 
 
-def promote(metric: str, report: str, model: str, tracking_uri: str = "", experiment: str = "") -> str:
-    """Move ``mole@champion`` to the evaluated candidate when it beats the champion. Returns what happened."""
+def promote(
+    metric: str, report: str, model: str, tracking_uri: str = "", experiment: str = "", baseline: str = ""
+) -> str:
+    """Move ``mole@champion`` to the evaluated candidate when it beats the champion or, with no champion yet, the
+    ``baseline`` (the evaluated stage-1 version, ``models:/mole-stage1/N``). Returns what happened."""
     from mole import tracking
 
     _tracking(tracking_uri, experiment)
@@ -277,7 +283,9 @@ def promote(metric: str, report: str, model: str, tracking_uri: str = "", experi
         why = f"tracking is off: nothing registered to promote ({metric}={scores[metric]['mean']:.4f})"
         logger.info(why)
         return why
-    _moved, why = tracking.promote(metric)
+    # A baseline that is not a registered version (stage 1 from a local path) cannot hold a score: skip it.
+    reference = baseline if re.fullmatch(r"models:/[^/@]+/\d+", baseline or "") else None
+    _moved, why = tracking.promote(metric, baseline=reference)
     logger.info(why)
     return why
 
