@@ -316,18 +316,14 @@ def init_tiny_clip(
     return output
 
 
-def _synthetic_pairs(per_kind: int, seed: int) -> tuple[list, list[str]]:
-    """``per_kind`` synthetic (image, caption) pairs of every kind, interleaved."""
+def _synthetic_batch(processor, per_kind: int, seed: int) -> dict:
+    """``per_kind`` synthetic image–caption pairs of every kind, interleaved, encoded by the CLIP ``processor``."""
     from mole.data.synthetic import KINDS, generate
 
     draws = [generate(kind, per_kind, seed=seed, size=TINY_RESOLUTION) for kind in KINDS]
-    images, captions = [], []
-    for _ in range(per_kind):
-        for draw in draws:
-            image, caption, _ = next(draw)
-            images.append(image)
-            captions.append(caption)
-    return images, captions
+    pairs = [next(draw)[:2] for _ in range(per_kind) for draw in draws]
+    images, captions = [image for image, _ in pairs], [caption for _, caption in pairs]
+    return processor(text=captions, images=images, return_tensors="pt", padding=True, truncation=True, max_length=77)
 
 
 def _train_tiny_clip(model, processor, steps: int, per_kind: int) -> dict:
@@ -336,16 +332,15 @@ def _train_tiny_clip(model, processor, steps: int, per_kind: int) -> dict:
     Returns the final training loss and, on held-out pairs, the mean cosine of matched and of mismatched pairs
     and the top-1 image→caption retrieval accuracy beside its chance level.
     """
-    images, captions = _synthetic_pairs(per_kind, _CLIP_TRAIN_SEED)
-    batch = processor(text=captions, images=images, return_tensors="pt", padding=True, truncation=True,
-                      max_length=77)  # fmt: skip
+    batch = _synthetic_batch(processor, per_kind, _CLIP_TRAIN_SEED)
     order = torch.Generator().manual_seed(0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     model.train()
-    size, loss = min(64, len(captions)), None
+    total = len(batch["input_ids"])
+    size, loss = min(64, total), None
     for _ in range(steps):
         # Sampled without replacement within a batch: a caption twice in one batch would be its own negative.
-        pick = torch.randperm(len(captions), generator=order)[:size]
+        pick = torch.randperm(total, generator=order)[:size]
         out = model(input_ids=batch["input_ids"][pick], attention_mask=batch["attention_mask"][pick],
                     pixel_values=batch["pixel_values"][pick], return_loss=True)  # fmt: skip
         optimizer.zero_grad(set_to_none=True)
@@ -353,11 +348,8 @@ def _train_tiny_clip(model, processor, steps: int, per_kind: int) -> dict:
         optimizer.step()
         loss = out.loss.item()
     model.eval()
-    images, captions = _synthetic_pairs(16, _CLIP_CHECK_SEED)
-    check = processor(text=captions, images=images, return_tensors="pt", padding=True, truncation=True,
-                      max_length=77)  # fmt: skip
     with torch.no_grad():
-        out = model(**check)
+        out = model(**_synthetic_batch(processor, 16, _CLIP_CHECK_SEED))
     img = out.image_embeds / out.image_embeds.norm(dim=-1, keepdim=True)
     txt = out.text_embeds / out.text_embeds.norm(dim=-1, keepdim=True)
     cos = img @ txt.T
@@ -372,7 +364,7 @@ def _train_tiny_clip(model, processor, steps: int, per_kind: int) -> dict:
     }
     logger.info(
         "tiny CLIP trained %d steps on %d synthetic pairs: held-out matched cos %.3f vs mismatched %.3f, "
-        "top-1 retrieval %.2f (chance %.3f)", steps, len(batch["input_ids"]), result["heldout_matched_cos"],
+        "top-1 retrieval %.2f (chance %.3f)", steps, total, result["heldout_matched_cos"],
         result["heldout_mismatched_cos"], result["heldout_top1"], result["heldout_top1_chance"],
     )  # fmt: skip
     return result
