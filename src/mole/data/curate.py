@@ -32,10 +32,17 @@ from mole.data.ingest import (
     list_images,
     load_image,
     read_table,
-    sha256_file,
     sidecar_caption,
 )
-from mole.data.shards import INDEX_FILE, DatasetIndex, ShardInfo, ShardWriter, compute_digest, read_index
+from mole.data.shards import (
+    INDEX_FILE,
+    DatasetIndex,
+    ShardInfo,
+    ShardWriter,
+    compute_digest,
+    read_index,
+    sha256_file,
+)
 
 logger = logging.getLogger(__name__)
 

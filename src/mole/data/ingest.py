@@ -8,7 +8,6 @@ non-ASCII letters. Also sidecar captions and attribute/provenance tables.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import os
@@ -42,14 +41,6 @@ def list_images(root: Path) -> list[Path]:
     if not root.is_dir():
         raise FileNotFoundError(f"input folder not found: {root}")
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_image(path: Path, max_pixels: int = MAX_PIXELS, min_side: int = 64) -> Image.Image:

@@ -18,7 +18,6 @@ say which architecture to build.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -33,7 +32,7 @@ from torch import nn
 
 from mole.data.filters import FilterResult
 from mole.data.ingest import Rejected, list_images, load_image
-from mole.data.shards import to_rgb
+from mole.data.shards import sha256_file, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -91,14 +90,6 @@ class BackboneClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(self.backbone, x)).squeeze(1)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_backbone(path: str | os.PathLike[str]) -> tuple[nn.Module, str]:
@@ -252,7 +243,7 @@ def train_quality_classifier(
     if backbone is not None:
         module, fmt = load_backbone(backbone)
         path = Path(backbone).resolve()
-        backbone_info = {"path": str(path), "format": fmt, "sha256": _sha256(path)}
+        backbone_info = {"path": str(path), "format": fmt, "sha256": sha256_file(path)}
         model = _build_model(BACKBONE, image_size, module)
         if freeze_backbone:
             module.requires_grad_(False)
@@ -368,7 +359,7 @@ class QualityFilter:
                 raise FileNotFoundError(
                     f"{path} was trained on the backbone {info['path']}, which is missing; pass backbone= its new path"
                 )
-            if _sha256(source) != info["sha256"]:
+            if sha256_file(source) != info["sha256"]:
                 logger.warning("%s: backbone %s differs from the one trained on (sha256)", path, source)
             module, _ = load_backbone(source)
             model = _build_model(BACKBONE, self.image_size, module, ckpt["feature_dim"])

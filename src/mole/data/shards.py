@@ -82,7 +82,8 @@ class DatasetIndex:
     format: str = FORMAT
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB chunks."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -208,7 +209,7 @@ class ShardWriter:
         assert self._tmp is not None and self._tmp.name.endswith(".tar.tmp")
         final = self._tmp.with_suffix("")  # drop ".tmp"
         os.replace(self._tmp, final)
-        self.shards.append(ShardInfo(final.name, self._in_shard, _sha256(final)))
+        self.shards.append(ShardInfo(final.name, self._in_shard, sha256_file(final)))
         self._tar, self._tmp, self._in_shard = None, None, 0
 
     def write(
@@ -461,7 +462,7 @@ class DatasetReader:
         self.rejected.clear()
         for shard in self.shard_order():
             path = self.root / shard.path
-            if self.verify and _sha256(path) != shard.sha256:
+            if self.verify and sha256_file(path) != shard.sha256:
                 raise DatasetError(f"{path}: sha256 does not match {INDEX_FILE} (corrupted or modified shard)")
             with path.open("rb") as f:
                 yield from _iter_tar(f, str(path), self.rejected)
