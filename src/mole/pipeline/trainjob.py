@@ -115,18 +115,25 @@ def _check_name(name: str) -> None:
         raise ManifestError(f"job name {name!r} is not a DNS-1123 label (lower case, digits, '-', ≤ 63 chars)")
 
 
+def _placement(spec: DistributedSpec) -> dict[str, Any]:
+    """The pod-spec fields that place a training pod: node selector, tolerations, service account (those set)."""
+    out: dict[str, Any] = {}
+    if spec.node_selector:
+        out["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        out["tolerations"] = [dict(t) for t in spec.tolerations]
+    if spec.service_account:
+        out["serviceAccountName"] = spec.service_account
+    return out
+
+
 def trainjob_manifest(spec: DistributedSpec) -> dict[str, Any]:
     """A ``trainer.kubeflow.org/v1alpha1`` TrainJob on the ``torch-distributed`` runtime; placement, volumes and
     the shared workspace go in as a runtime patch on the ``node`` replicated job."""
     _check_name(spec.name)
     volumes, mounts = _volumes(spec)
     pod: dict[str, Any] = {"volumes": volumes, "containers": [{"name": TRAINER_NODE, "volumeMounts": mounts}]}
-    if spec.node_selector:
-        pod["nodeSelector"] = dict(spec.node_selector)
-    if spec.tolerations:
-        pod["tolerations"] = [dict(t) for t in spec.tolerations]
-    if spec.service_account:
-        pod["serviceAccountName"] = spec.service_account
+    pod.update(_placement(spec))
     resources = {"nvidia.com/gpu": str(spec.gpus_per_node), "cpu": spec.cpu, "memory": spec.memory}
     return {
         "apiVersion": f"{TRAINER_GROUP}/{TRAINER_VERSION}",
@@ -175,12 +182,7 @@ def pytorchjob_manifest(spec: DistributedSpec) -> dict[str, Any]:
             }],
             "volumes": volumes,
         }  # fmt: skip
-        if spec.node_selector:
-            pod["nodeSelector"] = dict(spec.node_selector)
-        if spec.tolerations:
-            pod["tolerations"] = [dict(t) for t in spec.tolerations]
-        if spec.service_account:
-            pod["serviceAccountName"] = spec.service_account
+        pod.update(_placement(spec))
         return {"replicas": count, "restartPolicy": "OnFailure", "template": {"spec": pod}}
 
     replicas = {"Master": replica(1)}
