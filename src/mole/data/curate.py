@@ -18,6 +18,7 @@ import os
 import shutil
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -432,21 +433,15 @@ def curate_tracked(
     from mole.storage import staged_output
 
     run = tracking.StageRun(f"curate:{kind}") if tracking.enabled() else None
-    try:
-        with staged_output(output) as out:
-            meta = {"mlflow_run_id": run.run_id} if run else {}
-            stats = curate(kind, local_input, out, cfg, meta=meta, **kw)
-            if run is not None:
-                run.log_params({"kind": kind, "input": input_uri, "output": output, "config": cfg.model_dump()})
-                run.log_metrics({k: float(stats[k]) for k in ("inputs", "kept", "rejected", "samples")}, step=0)
-                run.log_metrics({f"rejected.{k}": float(v) for k, v in stats["rejected_by_reason"].items()}, step=0)
-                run.log_artifact(out / "manifest.jsonl", "curation")
-                run.log_artifact(out / "stats.json", "curation")
-                run.set_tag("mole.dataset.output", stats["digest"])
-    except BaseException:
+    # The run ends FAILED if anything below raises.
+    with run if run is not None else nullcontext(), staged_output(output) as out:
+        meta = {"mlflow_run_id": run.run_id} if run else {}
+        stats = curate(kind, local_input, out, cfg, meta=meta, **kw)
         if run is not None:
-            run.close("FAILED")
-        raise
-    if run is not None:
-        run.close()
+            run.log_params({"kind": kind, "input": input_uri, "output": output, "config": cfg.model_dump()})
+            run.log_metrics({k: float(stats[k]) for k in ("inputs", "kept", "rejected", "samples")}, step=0)
+            run.log_metrics({f"rejected.{k}": float(v) for k, v in stats["rejected_by_reason"].items()}, step=0)
+            run.log_artifact(out / "manifest.jsonl", "curation")
+            run.log_artifact(out / "stats.json", "curation")
+            run.set_tag("mole.dataset.output", stats["digest"])
     return stats

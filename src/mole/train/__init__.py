@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +99,7 @@ def train_stage(
     run = None
     if main and tracking.enabled():
         run = tracking.StageRun(stage if expert_name is None else f"expert:{expert_name}")
-    try:
+    with run if run is not None else nullcontext():  # the run ends FAILED if anything below raises
         upstream = {"base": str(base_model), **{f"expert_{n}": str(u) for n, u in (stage_experts or {}).items()}}
         if run is not None:  # models from the registry are fetched; local folders pass through
             base_model = str(tracking.resolve_model(str(base_model), out / ".models" / "base"))
@@ -125,12 +126,6 @@ def train_stage(
         )  # fmt: skip
         if run is not None and result.result is not None:
             _register(run, stage, expert_name, out, result.result, base_model, stage_experts, upstream["base"])
-    except BaseException:
-        if run is not None:
-            run.close("FAILED")
-        raise
-    if run is not None:
-        run.close()
     return result
 
 
