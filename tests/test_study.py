@@ -1,0 +1,304 @@
+"""`mole study`: a study from evaluation runs, votes in SQLite and a real PostgreSQL, the API's validation and
+limits, and the report's numbers recomputed by hand."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from tests.study_helpers import PROMPTS, postgres_bin, running_postgres, write_eval_run
+from typer.testing import CliRunner
+
+from mole.cli import app as cli_app
+from mole.evaluate.study.app import COOKIE, StudySettings, create_study_app
+from mole.evaluate.study.design import StudyError, create_study, load_study, parse_questions
+from mole.evaluate.study.report import study_report, write_report
+from mole.evaluate.study.stats import krippendorff_alpha_nominal, pairwise_agreement, wilson
+from mole.evaluate.study.store import VoteRefused, VoteStore, database_url
+
+runner = CliRunner()
+PG_BIN = postgres_bin()
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    if PG_BIN is None:
+        pytest.skip("no PostgreSQL server binaries (`make setup` installs Debian's postgresql)")
+    with running_postgres(PG_BIN) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Every store test runs against SQLite and, when its binaries are installed, a real PostgreSQL server."""
+    if request.param == "sqlite":
+        return database_url(None, tmp_path)
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def two_runs(tmp_path: Path) -> tuple[Path, Path]:
+    a = write_eval_run(tmp_path / "eval-base", "base", (200, 0, 0), scores={"clip": [20.0, 25.0, 30.0]})
+    b = write_eval_run(tmp_path / "eval-mole", "MoLE", (0, 0, 200), scores={"clip": [21.0, 24.0, 31.0]})
+    return a, b
+
+
+def test_create_copies_images_and_pairs_every_model_pair(two_runs, tmp_path: Path) -> None:
+    c = write_eval_run(tmp_path / "eval-x", "x", (0, 200, 0))
+    study = create_study([*two_runs, c], tmp_path / "study", questions=parse_questions(["overall", "hand"]))
+    again = load_study(tmp_path / "study")
+    assert again == study
+    assert [m.label for m in study.models] == ["base", "MoLE", "x"]
+    assert len(study.items) == 3 and len(study.pairs) == 9  # 3 prompts × 3 model pairs
+    assert {(p.a, p.b) for p in study.pairs} == {(0, 1), (0, 2), (1, 2)}
+    assert study.question_keys == ["overall", "hand"]
+    assert study.items[1].scores == {"base": {"clip": 25.0}, "MoLE": {"clip": 24.0}, "x": {}}
+    assert study.models[0].scorers == ("clip",) and study.models[2].scorers == ()
+    for m, run in enumerate([*two_runs, c]):
+        for it in study.items:
+            copy = study.image_path(m, it.item)
+            assert copy.read_bytes() == (run / "images" / "r0" / f"{it.index:05d}.png").read_bytes()
+    sampled = create_study(two_runs, tmp_path / "s2", max_items=2, seed=3)
+    assert len(sampled.items) == 2 and len(sampled.pairs) == 2
+
+
+def test_create_refuses_runs_of_other_prompts_or_seeds(two_runs, tmp_path: Path) -> None:
+    base, _ = two_runs
+    other = write_eval_run(tmp_path / "other-prompt", "o", (1, 2, 3), prompts=[PROMPTS[0], "a dog", PROMPTS[2]])
+    with pytest.raises(StudyError, match=r"repeat 0 index 1: prompt 'a dog' vs 'a man waving his hand'"):
+        create_study([base, other], tmp_path / "s")
+    seeded = write_eval_run(tmp_path / "other-seed", "s", (1, 2, 3), seed=9)
+    with pytest.raises(StudyError, match=r"repeat 0 index 0: seed"):
+        create_study([base, seeded], tmp_path / "s")
+    short = write_eval_run(tmp_path / "short", "short", (1, 2, 3), prompts=PROMPTS[:2])
+    with pytest.raises(StudyError, match=r"2 vs 3 rows; missing \(repeat, index\) \[\(0, 2\)\]"):
+        create_study([base, short], tmp_path / "s")
+    with pytest.raises(StudyError, match="at least two"):
+        create_study([base], tmp_path / "s")
+    with pytest.raises(StudyError, match="labels must differ"):
+        create_study([base, base], tmp_path / "s")
+    gone = write_eval_run(tmp_path / "gone", "gone", (1, 2, 3))
+    (gone / "images" / "r0" / "00001.png").unlink()
+    with pytest.raises(StudyError, match=r"00001\.png is missing"):
+        create_study([base, gone], tmp_path / "s")
+    assert not (tmp_path / "s" / "study.json").exists()
+    with pytest.raises(StudyError, match="needs a text"):
+        parse_questions(["feet"])
+    with pytest.raises(StudyError, match="must be 1-32 lower-case"):
+        parse_questions(["Bad Key=text"])
+    # The CLI says the same, with exit code 2.
+    result = runner.invoke(cli_app, ["study", "create", "--runs", str(base), "--runs", str(seeded),
+                                     "--output", str(tmp_path / "s")])  # fmt: skip
+    assert result.exit_code == 2 and "seed" in result.output
+
+
+def test_store_never_shows_a_pair_twice_and_validates_votes(two_runs, tmp_path: Path, db_url: str) -> None:
+    from mole.evaluate.study.assign import next_pair
+
+    study = create_study(two_runs, tmp_path / "study")
+    store = VoteStore(db_url, study.study_id)
+    try:
+        rater, token = store.new_rater()
+        assert store.rater_of(token) == rater and store.rater_of("x" * 40) is None
+        assert token not in json.dumps(store.all_votes(), default=str)
+        seen = []
+        rng = random.Random(0)
+        while (nxt := next_pair(study, store, rater, rng)).assignment is not None:
+            a = nxt.assignment
+            assert next_pair(study, store, rater, rng).assignment == a  # a reload shows the same pair
+            assert nxt.answered == len(seen)
+            pair = study.pairs[a.pair_id]
+            keys = study.question_keys
+            with pytest.raises(VoteRefused, match="not in this study") as err:
+                store.record(rater, a.token, {**dict.fromkeys(keys, "tie"), "feet": "left"}, keys, (pair.a, pair.b))
+            assert err.value.status == 422
+            with pytest.raises(VoteRefused, match="not answered") as err:
+                store.record(rater, a.token, {"overall": "left"}, keys, (pair.a, pair.b))
+            assert err.value.status == 422
+            with pytest.raises(VoteRefused, match="one of") as err:
+                store.record(rater, a.token, dict.fromkeys(keys, "both"), keys, (pair.a, pair.b))
+            other_rater, _ = store.new_rater()
+            with pytest.raises(VoteRefused, match="not shown to you") as err:
+                store.record(other_rater, a.token, dict.fromkeys(keys, "left"), keys, (pair.a, pair.b))
+            assert err.value.status == 403
+            assert store.record(rater, a.token, dict.fromkeys(keys, "left"), keys, (pair.a, pair.b)) == 4
+            with pytest.raises(VoteRefused, match="answered already") as err:
+                store.record(rater, a.token, dict.fromkeys(keys, "left"), keys, (pair.a, pair.b))
+            assert err.value.status == 409
+            seen.append(a.pair_id)
+        assert sorted(seen) == [p.pair for p in study.pairs]  # every pair once, none twice
+        assert store.add_assignment(rater, seen[0], True) is None  # the database refuses a second showing
+        votes = store.all_votes()
+        assert len(votes) == 4 * len(seen) and {v["rater_id"] for v in votes} == {rater}
+        for v in votes:  # the winner is whichever model was shown on the left
+            assert v["choice"] == "left" and v["winner"] == v["left_model"] and v["created_at"] is not None
+    finally:
+        store.close()
+
+
+def _client(study, store, **settings) -> TestClient:
+    return TestClient(create_study_app(study, store, StudySettings(**settings)))
+
+
+def test_api_rater_completes_a_study_and_the_report_counts_it(two_runs, tmp_path: Path) -> None:
+    study = create_study(two_runs, tmp_path / "study", questions=parse_questions(["overall", "face"]))
+    store = VoteStore(database_url(None, study.root), study.study_id)
+    try:
+        expected = {("overall", "MoLE"): 0, ("overall", "tie"): 0, ("face", "base"): 0, ("face", "tie"): 0}
+        with _client(study, store) as client:
+            for _ in range(len(study.pairs)):
+                body = client.post("/api/next").json()
+                pair = body["pair"]
+                assert pair["prompt"] in PROMPTS and "MoLE" not in json.dumps(pair)  # nothing unblinds the pair
+                left = client.get(pair["left"])
+                assert left.status_code == 200 and left.headers["content-type"] == "image/png"
+                # The rater wants MoLE overall (the blue image) and says tie for faces.
+                from io import BytesIO
+
+                from PIL import Image
+
+                blue_left = Image.open(BytesIO(left.content)).getpixel((8, 8))[2] == 200
+                answers = {"overall": "left" if blue_left else "right", "face": "tie"}
+                assert client.post("/api/vote", json={"token": pair["token"], "answers": answers}).json() == {
+                    "stored": 2
+                }
+                expected[("overall", "MoLE")] += 1
+                expected[("face", "tie")] += 1
+            done = client.post("/api/next").json()
+            assert done["pair"] is None and done["progress"] == {"answered": 3, "total": 3}
+            assert client.cookies.get(COOKIE) and done["rater"] != client.cookies.get(COOKIE)
+        report = study_report(study, store.all_votes())
+    finally:
+        store.close()
+    (overall, face) = report["win_rates"]
+    assert (overall["question"], overall["votes"], overall["b_wins"]["count"]) == ("overall", 3, 3)
+    assert overall["a_wins"]["count"] == 0 and overall["b_wins"]["rate"] == 1.0
+    assert overall["b_wins"]["ci95"] == pytest.approx(list(wilson(3, 3)))
+    assert face["ties"]["count"] == 3 and report["raters"] == 1 and report["votes"] == 6
+
+
+def test_api_refuses_votes_it_did_not_ask_for(two_runs, tmp_path: Path) -> None:
+    study = create_study(two_runs, tmp_path / "study")
+    store = VoteStore(database_url(None, study.root), study.study_id)
+    answers = dict.fromkeys(study.question_keys, "left")
+    try:
+        with _client(study, store) as alice, _client(study, store) as mallory:
+            pair = alice.post("/api/next").json()["pair"]
+            mallory.post("/api/next")
+            # Another rater can neither see nor vote on alice's pair; a made-up token is refused too.
+            assert mallory.get(pair["left"]).status_code == 404
+            r = mallory.post("/api/vote", json={"token": pair["token"], "answers": answers})
+            assert r.status_code == 403 and "not shown" in r.json()["message"]
+            r = alice.post("/api/vote", json={"token": "A" * 32, "answers": answers})
+            assert r.status_code == 403
+            # No cookie: no rater, no vote.
+            with TestClient(alice.app) as anonymous:
+                assert (
+                    anonymous.post("/api/vote", json={"token": pair["token"], "answers": answers}).status_code == 403
+                )
+            # An aspect that is not configured, a bad choice, an extra field: 422 with a message.
+            r = alice.post("/api/vote", json={"token": pair["token"], "answers": {**answers, "feet": "left"}})
+            assert r.status_code == 422 and "feet" in r.json()["message"]
+            r = alice.post("/api/vote", json={"token": pair["token"], "answers": {**answers, "overall": "both"}})
+            assert r.status_code == 422
+            r = alice.post("/api/vote", json={"token": pair["token"], "answers": answers, "winner": "MoLE"})
+            assert r.status_code == 422
+            assert alice.post("/api/vote", json={"token": pair["token"], "answers": answers}).status_code == 200
+            assert alice.post("/api/vote", json={"token": pair["token"], "answers": answers}).status_code == 409
+            page = alice.get("/")
+            assert "script-src 'self'" in page.headers["content-security-policy"]
+            assert "<script>" not in page.text  # the only script is /study.js
+        assert len(store.all_votes()) == 4
+    finally:
+        store.close()
+
+
+def test_api_rate_limits_requests_and_new_raters(two_runs, tmp_path: Path) -> None:
+    study = create_study(two_runs, tmp_path / "study")
+    store = VoteStore(database_url(None, study.root), study.study_id)
+    try:
+        with _client(study, store, requests_per_minute=1, burst=3) as client:
+            # The first request (no rater yet) counts against the address, the next ones against the rater.
+            codes = [client.post("/api/next").status_code for _ in range(6)]
+            assert codes == [200, 200, 200, 200, 429, 429]
+            r = client.post("/api/next")
+            assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        with _client(study, store, new_raters_per_hour=2) as client:
+            codes = []
+            for _ in range(4):
+                client.cookies.clear()
+                codes.append(client.post("/api/next").status_code)
+            assert codes == [200, 200, 429, 429]
+    finally:
+        store.close()
+
+
+def test_stats_against_published_values() -> None:
+    # Krippendorff (2011), "Computing Krippendorff's alpha-reliability", the nominal example: alpha = 0.743.
+    rows = [[1, 2, 3, 3, 2, 1, 4, 1, 2, None, None, None], [1, 2, 3, 3, 2, 2, 4, 1, 2, 5, None, 3],
+            [None, 3, 3, 3, 2, 3, 4, 2, 2, 5, 1, None], [1, 2, 3, 3, 2, 4, 4, 1, 2, 5, 1, None]]  # fmt: skip
+    units = {i: [r[i] for r in rows if r[i] is not None] for i in range(12)}
+    assert krippendorff_alpha_nominal(units) == pytest.approx(0.743, abs=5e-4)
+    assert krippendorff_alpha_nominal({0: ["a", "a"], 1: ["b", "b"]}) == pytest.approx(1.0)
+    assert krippendorff_alpha_nominal({0: ["a", "a"], 1: ["a"]}) is None  # no variation: undefined
+    assert pairwise_agreement({0: ["a", "a", "b"], 1: ["c", "c"]}) == (pytest.approx(2 / 4), 4)
+    assert wilson(7, 10) == pytest.approx((0.3968, 0.8922), abs=1e-4)  # the textbook value
+    assert wilson(0, 10)[0] == 0.0 and wilson(0, 0) == (0.0, 1.0)
+
+
+@pytest.mark.slow
+def test_report_agreement_scorers_and_mlflow(two_runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three raters with known answers: every count, the rater agreement and the scorer agreement by hand; the
+    report lands on both evaluation runs' MLflow runs."""
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MOLE_TRACKING", "on")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_ids = []
+    for _ in range(2):
+        with mlflow.start_run() as run:
+            run_ids.append(run.info.run_id)
+    a = write_eval_run(tmp_path / "a", "base", (200, 0, 0), scores={"clip": [20.0, 25.0, 30.0]},
+                       mlflow_run_id=run_ids[0])  # fmt: skip
+    b = write_eval_run(tmp_path / "b", "MoLE", (0, 0, 200), scores={"clip": [21.0, 24.0, 31.0]},
+                       mlflow_run_id=run_ids[1])  # fmt: skip
+    study = create_study([a, b], tmp_path / "study", questions=parse_questions(["overall"]))
+    # clip prefers MoLE on items 0 and 2, base on item 1. Votes (winner model index; None = tie):
+    answers = {"r1": [1, 0, 1], "r2": [1, 1, 1], "r3": [None, 0, 1]}
+    votes = [{"rater_id": r, "pair_id": p, "question": "overall", "winner": w,
+              "choice": "tie" if w is None else ("left" if (w + p) % 2 else "right"), "left_model": 0}
+             for r, ws in answers.items() for p, w in enumerate(ws)]  # fmt: skip
+    votes.append({"rater_id": "r1", "pair_id": 0, "question": "removed", "winner": 1, "choice": "left",
+                  "left_model": 1})  # fmt: skip
+    report = write_report(study, votes)
+    (row,) = report["win_rates"]
+    assert (row["votes"], row["a_wins"]["count"], row["ties"]["count"], row["b_wins"]["count"]) == (9, 2, 1, 6)
+    assert report["left_out_votes"] == 1
+    # Units: pair 0 [1, 1, tie], pair 1 [0, 1, 0], pair 2 [1, 1, 1] -> 9 rater pairs, 1 + 1 + 3 agree.
+    assert report["agreement"]["overall"]["percent"] == pytest.approx(5 / 9)
+    assert report["agreement"]["overall"]["alpha"] == pytest.approx(
+        krippendorff_alpha_nominal({0: [1, 1, "tie"], 1: [0, 1, 0], 2: [1, 1, 1]})
+    )
+    (clip,) = report["scorer_agreement"]
+    # Non-tie votes agreeing with clip: pair 0: 2 of 2, pair 1: 2 of 3, pair 2: 3 of 3; majorities: all 3 agree.
+    assert (clip["votes"]["count"], clip["votes"]["rate"]) == (7, pytest.approx(7 / 8))
+    assert clip["majority_pairs"]["count"] == 3 and clip["scorer_prefers_a"] == 1
+    md = (tmp_path / "study" / "report" / "report.md").read_text()
+    assert "| base | MoLE | overall | 9 | 22.2 % [" in md and "Krippendorff" in md and "Wilson" in md
+    assert (tmp_path / "study" / "report" / "win_rates.png").stat().st_size > 1000
+    client = mlflow.MlflowClient()
+    for run_id, own in zip(run_ids, ("a_wins", "b_wins"), strict=True):
+        data = client.get_run(run_id).data
+        assert data.metrics["study.overall.win_vs." + ("MoLE" if own == "a_wins" else "base")] == pytest.approx(
+            row[own]["rate"]
+        )
+        assert data.metrics["study.overall.votes_vs." + ("MoLE" if own == "a_wins" else "base")] == 9
+        assert data.tags["mole.study"] == study.study_id
+        names = {f.path for f in client.list_artifacts(run_id, f"study/{study.study_id}")}
+        assert {f"study/{study.study_id}/report.md", f"study/{study.study_id}/win_rates.png"} <= names
