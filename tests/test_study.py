@@ -302,3 +302,51 @@ def test_report_agreement_scorers_and_mlflow(two_runs, tmp_path: Path, monkeypat
         assert data.tags["mole.study"] == study.study_id
         names = {f.path for f in client.list_artifacts(run_id, f"study/{study.study_id}")}
         assert {f"study/{study.study_id}/report.md", f"study/{study.study_id}/win_rates.png"} <= names
+
+
+@pytest.mark.slow
+def test_study_of_real_tracked_evaluations(tiny_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """Two real `mole evaluate run`s of the embedded default, tracked: each records its MLflow run id in its
+    report.json, the study takes their prompts, seeds, images and CLIP scores, and its report lands on both runs."""
+    import mlflow
+
+    from mole.evaluate.runner import EvalSettings, evaluate_tracked
+    from mole.evaluate.study.assign import next_pair
+    from mole.tiny import init_tiny_clip, init_tiny_model
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MOLE_TRACKING", "on")
+    monkeypatch.setenv("MOLE_SYSTEM_METRICS", "off")
+    clip = init_tiny_clip(tmp_path / "clip", train_steps=0)
+    other = init_tiny_model(tmp_path / "other", seed=1)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a smiling woman\na man waving his hand\n", encoding="utf-8")
+    runs = []
+    for label, model in (("base", tiny_model_dir), ("other", other)):
+        settings = EvalSettings(model=str(model), prompts=str(prompts), num_prompts=2, repeats=1, steps=2,
+                                scorers=["clip"], scorer_config={"clip": {"model": str(clip), "device": "cpu"}},
+                                batch_size=2, label=label)  # fmt: skip
+        report = evaluate_tracked(settings, tmp_path / label)
+        written = json.loads((tmp_path / label / "report.json").read_text())
+        assert written["mlflow_run_id"] == report["mlflow_run_id"]
+        assert mlflow.MlflowClient().get_run(written["mlflow_run_id"]).data.tags["mole.stage"] == "evaluate"
+        runs.append(tmp_path / label)
+    study = create_study(runs, tmp_path / "study", questions=parse_questions(["overall"]))
+    assert [m.mlflow_run_id for m in study.models] == [
+        json.loads((r / "report.json").read_text())["mlflow_run_id"] for r in runs
+    ]
+    store = VoteStore(database_url(None, study.root), study.study_id)
+    try:
+        rater, _ = store.new_rater()
+        while (a := next_pair(study, store, rater).assignment) is not None:
+            pair = study.pairs[a.pair_id]
+            store.record(rater, a.token, {"overall": "left"}, ["overall"], (pair.a, pair.b))
+        report = write_report(study, store.all_votes())
+    finally:
+        store.close()
+    assert report["votes"] == 2 and report["scorer_agreement"][0]["scorer"] == "clip"
+    for model in study.models:
+        metrics = mlflow.MlflowClient().get_run(model.mlflow_run_id).data.metrics
+        other_label = "other" if model.label == "base" else "base"
+        assert metrics[f"study.overall.votes_vs.{other_label}"] == 2
