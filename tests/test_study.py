@@ -144,9 +144,9 @@ def _client(study, store, **settings) -> TestClient:
     return TestClient(create_study_app(study, store, StudySettings(**settings)))
 
 
-def test_api_rater_completes_a_study_and_the_report_counts_it(two_runs, tmp_path: Path) -> None:
+def test_api_rater_completes_a_study_and_the_report_counts_it(two_runs, tmp_path: Path, db_url: str) -> None:
     study = create_study(two_runs, tmp_path / "study", questions=parse_questions(["overall", "face"]))
-    store = VoteStore(database_url(None, study.root), study.study_id)
+    store = VoteStore(db_url, study.study_id)
     try:
         expected = {("overall", "MoLE"): 0, ("overall", "tie"): 0, ("face", "base"): 0, ("face", "tie"): 0}
         with _client(study, store) as client:
@@ -350,3 +350,84 @@ def test_study_of_real_tracked_evaluations(tiny_model_dir: Path, tmp_path: Path,
         metrics = mlflow.MlflowClient().get_run(model.mlflow_run_id).data.metrics
         other_label = "other" if model.label == "base" else "base"
         assert metrics[f"study.overall.votes_vs.{other_label}"] == 2
+
+
+def test_concurrent_votes_on_one_pair_count_once(two_runs, tmp_path: Path, db_url: str) -> None:
+    """Eight submissions of the same pair at once (a double click, a retried request): one is stored, seven get
+    409, none is lost or counted twice."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mole.evaluate.study.assign import next_pair
+
+    study = create_study(two_runs, tmp_path / "study", pairs_per_rater=2)
+    store = VoteStore(db_url, study.study_id)
+    try:
+        rater, _ = store.new_rater()
+        a = next_pair(study, store, rater).assignment
+        pair = study.pairs[a.pair_id]
+        answers = dict.fromkeys(study.question_keys, "right")
+
+        def submit(_: int) -> int:
+            try:
+                return store.record(rater, a.token, answers, study.question_keys, (pair.a, pair.b))
+            except VoteRefused as err:
+                return -err.status
+
+        with ThreadPoolExecutor(8) as pool:
+            results = sorted(pool.map(submit, range(8)))
+        assert results == [-409] * 7 + [4]
+        assert len(store.all_votes()) == 4
+        # --pairs-per-rater 2: one more pair, then done although a third pair exists.
+        b = next_pair(study, store, rater).assignment
+        store.record(rater, b.token, answers, study.question_keys, (0, 1))
+        done = next_pair(study, store, rater)
+        assert done.assignment is None and (done.answered, done.total) == (2, 2)
+    finally:
+        store.close()
+
+
+def test_cli_create_serve_report(two_runs, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The three commands as a user runs them: `study serve` in its own process answering on a loopback port."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from mole.evaluate.study.store import safe_url
+
+    out = runner.invoke(cli_app, ["study", "create", "--runs", str(two_runs[0]), "--runs", str(two_runs[1]),
+                                  "--output", str(tmp_path / "study"), "--question", "overall",
+                                  "--labels", "SD,MoLE"])  # fmt: skip
+    assert out.exit_code == 0 and "2 models, 3 prompts, 3 pairs, questions overall" in out.output
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "mole", "study", "serve", str(tmp_path / "study"), "--port",
+                             str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
+                time.sleep(0.2)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/next", method="POST", data=b"{}")
+        with urllib.request.urlopen(request, timeout=10) as r:
+            body = json.loads(r.read())
+            assert body["pair"]["prompt"] in PROMPTS and "mole_study_rater=" in r.headers["set-cookie"]
+            assert "HttpOnly" in r.headers["set-cookie"] and "SameSite=strict" in r.headers["set-cookie"]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    out = runner.invoke(cli_app, ["study", "report", str(tmp_path / "study"), "--no-track"])
+    assert out.exit_code == 0 and "| SD | MoLE | overall | 0 |" in out.output
+    assert (tmp_path / "study" / "report" / "win_rates.png").is_file()
+    out = runner.invoke(cli_app, ["study", "report", str(tmp_path / "nothing")])
+    assert out.exit_code == 2 and "no study at" in out.output
+    assert safe_url("postgresql+psycopg://u:s3cret@db/votes") == "postgresql+psycopg://u:***@db/votes"
