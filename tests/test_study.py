@@ -431,3 +431,15 @@ def test_cli_create_serve_report(two_runs, tmp_path: Path, caplog: pytest.LogCap
     out = runner.invoke(cli_app, ["study", "report", str(tmp_path / "nothing")])
     assert out.exit_code == 2 and "no study at" in out.output
     assert safe_url("postgresql+psycopg://u:s3cret@db/votes") == "postgresql+psycopg://u:***@db/votes"
+    # A database that does not answer, a driver that is not installed: a clear error without the password.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    refused = f"postgresql://u:s3cret@127.0.0.1:{closed}/votes"
+    no_driver = "mysql://u:s3cret@db/votes"
+    for url, why in ((refused, "cannot open the votes database"), (no_driver, "database mysql://u:***@db/votes")):
+        out = runner.invoke(cli_app, ["study", "report", str(tmp_path / "study"), "--database", url, "--no-track"])
+        assert out.exit_code == 2 and why in out.output and "s3cret" not in out.output, out.output
+    (tmp_path / "study" / "study.json").write_text('{"format": 1, "title": "x"}', encoding="utf-8")
+    out = runner.invoke(cli_app, ["study", "serve", str(tmp_path / "study")])
+    assert out.exit_code == 2 and "not a complete study" in out.output

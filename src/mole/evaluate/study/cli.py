@@ -88,12 +88,12 @@ def serve(
     """Serve the rating page: one prompt, two images in random order, one question per aspect."""
     from mole.evaluate.study.app import StudySettings, run_study_server
     from mole.evaluate.study.design import StudyError, load_study
-    from mole.evaluate.study.store import VoteStore, database_url
+    from mole.evaluate.study.store import StoreError, VoteStore, database_url
 
     try:
         s = load_study(study)
         store = VoteStore(database_url(database, s.root), s.study_id)
-    except (StudyError, FileNotFoundError) as err:
+    except (StudyError, StoreError, FileNotFoundError) as err:
         raise _fail(err) from err
     settings = StudySettings(
         requests_per_minute=requests_per_minute,
@@ -119,7 +119,7 @@ def report(
     """Win/tie/loss rates with Wilson 95 % intervals, Krippendorff's alpha, people vs scorers; Markdown + plot."""
     from mole.evaluate.study.design import StudyError, load_study
     from mole.evaluate.study.report import report_markdown, write_report
-    from mole.evaluate.study.store import VoteStore, database_url
+    from mole.evaluate.study.store import StoreError, VoteStore, database_url
 
     try:
         s = load_study(study)
@@ -128,6 +128,6 @@ def report(
             result = write_report(s, store.all_votes(), output, track=track)
         finally:
             store.close()
-    except (StudyError, FileNotFoundError) as err:
+    except (StudyError, StoreError, FileNotFoundError) as err:
         raise _fail(err) from err
     typer.echo(report_markdown(result))

@@ -316,9 +316,20 @@ def load_study(path: str | os.PathLike[str]) -> Study:
     file = root / STUDY_FILE if root.is_dir() else root
     if not file.is_file():
         raise StudyError(f"no study at {root} (no {STUDY_FILE}; `mole study create` writes one)")
-    data = json.loads(file.read_text(encoding="utf-8"))
-    if data.get("format") != FORMAT_VERSION:
-        raise StudyError(f"{file}: format {data.get('format')!r}, this mole reads {FORMAT_VERSION}")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise StudyError(f"{file} is not readable JSON: {err}") from err
+    if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
+        found = data.get("format") if isinstance(data, dict) else None
+        raise StudyError(f"{file}: format {found!r}, this mole reads {FORMAT_VERSION}")
+    try:
+        return _study_from(data, file.parent)
+    except (KeyError, TypeError) as err:
+        raise StudyError(f"{file} is not a complete study ({type(err).__name__}: {err})") from err
+
+
+def _study_from(data: dict[str, Any], root: Path) -> Study:
     return Study(
         study_id=data["study_id"],
         title=data["title"],
@@ -330,5 +341,5 @@ def load_study(path: str | os.PathLike[str]) -> Study:
         pairs=[Pair(**p) for p in data["pairs"]],
         pairs_per_rater=data["pairs_per_rater"],
         created=data["created"],
-        root=file.parent,
+        root=root,
     )

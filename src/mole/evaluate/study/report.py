@@ -159,7 +159,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     lines = [
         f"# {report['title']} (study {report['study_id']})",
         "",
-        f"{report['votes']} votes from {report['raters']} raters on {report['answered_pairs']} shown pairs. "
+        f"{report['votes']} votes from {report['raters']} rater(s) on {report['answered_pairs']} shown pairs. "
         f"Rates with their {report['ci_method']}; (n) counts votes.",
         "",
         "## Win rates",

@@ -40,7 +40,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,10 @@ votes = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("assignment_id", "question", name="uq_assignment_question"),
 )
+
+
+class StoreError(RuntimeError):
+    """The votes database cannot be opened; the message names it without its password."""
 
 
 class VoteRefused(ValueError):
@@ -140,8 +144,12 @@ class VoteStore:
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         else:
             kwargs["pool_pre_ping"] = True
-        self.engine = engine or create_engine(url, **kwargs)
-        metadata.create_all(self.engine)
+        try:
+            self.engine = engine or create_engine(url, **kwargs)
+            metadata.create_all(self.engine)
+        except (SQLAlchemyError, ImportError) as err:
+            cause = str(getattr(err, "orig", None) or err).strip().splitlines()[0][:300]
+            raise StoreError(f"cannot open the votes database {safe_url(url)}: {cause}") from err
         logger.info("votes of study %s in %s", study_id, safe_url(url))
 
     def close(self) -> None:
