@@ -443,3 +443,28 @@ def test_cli_create_serve_report(two_runs, tmp_path: Path, caplog: pytest.LogCap
     (tmp_path / "study" / "study.json").write_text('{"format": 1, "title": "x"}', encoding="utf-8")
     out = runner.invoke(cli_app, ["study", "serve", str(tmp_path / "study")])
     assert out.exit_code == 2 and "not a complete study" in out.output
+
+
+def test_assignment_spreads_raters_over_the_pairs(two_runs, tmp_path: Path) -> None:
+    """Raters who each rate one pair get the least-answered pair: three raters cover the three pairs, the
+    fourth gets one of them again; every vote records which model the coin put on the left."""
+    from mole.evaluate.study.assign import next_pair
+
+    study = create_study(two_runs, tmp_path / "study", pairs_per_rater=1)
+    store = VoteStore(database_url(None, study.root), study.study_id)
+    try:
+        got, sides = [], []
+        for k in range(4):
+            rater, _ = store.new_rater()
+            a = next_pair(study, store, rater, random.Random(k)).assignment
+            pair = study.pairs[a.pair_id]
+            store.record(rater, a.token, dict.fromkeys(study.question_keys, "left"), study.question_keys,
+                         (pair.a, pair.b))  # fmt: skip
+            got.append(a.pair_id)
+            sides.append(a.left_is_a)
+        assert sorted(got[:3]) == [0, 1, 2] and got[3] in (0, 1, 2)
+        # Left-model bookkeeping: a left vote is a win for whichever model the coin put on the left.
+        for v, left_is_a in zip(store.all_votes()[::4], sides, strict=True):
+            assert v["left_model"] == (0 if left_is_a else 1) and v["winner"] == v["left_model"]
+    finally:
+        store.close()
