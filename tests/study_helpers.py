@@ -24,6 +24,11 @@ from mole.evaluate.runner import prompt_seed
 PROMPTS = ["a close-up photo of a smiling woman", "a man waving his hand", "a girl holding a red ball"]
 
 
+def _mean(values: Sequence[object]) -> float:
+    numbers = [float(v) for v in values if isinstance(v, int | float)]
+    return sum(numbers) / max(1, len(numbers))
+
+
 def write_eval_run(
     folder: Path,
     label: str,
@@ -61,7 +66,7 @@ def write_eval_run(
                 "repeats": repeats, "seed": seed, "steps": 4, "guidance": 7.5, "width": None,
                 "height": None}  # fmt: skip
     report = {"label": label, "settings": settings, "num_prompts": len(prompts), "repeats": repeats,
-              "scores": {k: {"mean": sum(v) / len(v), "stderr": 0.0} for k, v in (scores or {}).items()}}  # fmt: skip
+              "scores": {k: {"mean": _mean(v), "stderr": 0.0} for k, v in (scores or {}).items()}}  # fmt: skip
     if mlflow_run_id:
         report["mlflow_run_id"] = mlflow_run_id
     (folder / "report.json").write_text(json.dumps(report), encoding="utf-8")

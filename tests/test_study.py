@@ -86,6 +86,9 @@ def test_create_refuses_runs_of_other_prompts_or_seeds(two_runs, tmp_path: Path)
     with pytest.raises(StudyError, match=r"00001\.png is missing"):
         create_study([base, gone], tmp_path / "s")
     assert not (tmp_path / "s" / "study.json").exists()
+    broken = write_eval_run(tmp_path / "broken", "broken", (1, 2, 3), scores={"clip": [1.0, "oops", 2.0]})
+    with pytest.raises(StudyError, match=r"'broken', repeat 0 index 1: a score is not a number"):
+        create_study([base, broken], tmp_path / "s")
     with pytest.raises(StudyError, match="needs a text"):
         parse_questions(["feet"])
     with pytest.raises(StudyError, match="must be 1-32 lower-case"):

@@ -262,7 +262,12 @@ def create_study(
         row = by_key[0][key]
         scores = {}
         for name, rows, cols in zip(names, by_key, scorers, strict=True):
-            scores[name] = {c: float(rows[key][c]) for c in cols if rows[key][c] not in ("", None)}
+            try:
+                scores[name] = {c: float(rows[key][c]) for c in cols if rows[key][c] not in ("", None)}
+            except ValueError as err:
+                raise StudyError(
+                    f"run {name!r}, repeat {key[0]} index {key[1]}: a score is not a number ({err})"
+                ) from err
         items.append(Item(i, key[0], key[1], row["prompt"], int(row["seed"]), scores))
     models = [
         Model(n, str(p.resolve()), r.get("mlflow_run_id"), s)
