@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 OUT    ?= out/demo
 DEMO_PROMPT ?= a close-up photo of a smiling woman waving her hand
 
-.PHONY: setup demo demo-stages test lint format bench clean mlflow-ui chromium pipeline
+.PHONY: setup demo demo-stages test lint format bench clean mlflow-ui chromium postgresql pipeline
 
 # torch first and pinned: this machine has a CPU build of 2.13.0 on disk, and anything that pulls plain
 # `torch` before it would download a multi-GB CUDA build (see shared/ENVIRONMENT.md).
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,deepspeed,pipeline]"
 	touch $@
 
-setup: $(STAMP) chromium
+setup: $(STAMP) chromium postgresql
 
 # The service's page test drives Debian's chromium (Playwright's own browser download does not work here):
 # installed when missing and apt-get is usable (CI: a clean Debian machine, as root); else that test skips.
@@ -25,6 +25,15 @@ chromium:
 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	else echo "no /usr/bin/chromium and apt-get is not usable: the page test (tests/test_serve_page.py) skips"; fi
+
+# The user study's votes are tested against a real PostgreSQL server that the test fixture starts from Debian's
+# binaries (initdb + postgres on a loopback port, as the `postgres` user when run as root); installed like chromium,
+# else those tests run on SQLite only.
+postgresql:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql; \
+	else echo "no PostgreSQL server binaries and apt-get is not usable: the study store tests run on SQLite only"; fi
 
 # The embedded default end to end, as the Kubeflow pipeline run locally (kfp.local): tiny model -> synthetic
 # data -> stage 1 -> two experts in parallel branches -> gates -> evaluate -> promote, tracked in mlruns/.
@@ -61,7 +70,7 @@ format: $(STAMP)
 	$(BIN)/ruff format src tests bench components pipelines
 	$(BIN)/ruff check --fix src tests bench components pipelines
 
-test: $(STAMP) chromium lint
+test: $(STAMP) chromium postgresql lint
 	$(BIN)/python -m pytest -q
 
 # Every benchmark (MoLE's cost vs its FLOP bound and peers, training, curation, the demo's wall time) into

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from mole import __version__
+from mole.evaluate.study.cli import study_app
 from mole.pipeline.cli import pipeline_app
 
 app = typer.Typer(
@@ -41,6 +42,7 @@ evaluate_app = typer.Typer(
 )
 app.add_typer(evaluate_app, name="evaluate")
 app.add_typer(pipeline_app, name="pipeline")
+app.add_typer(study_app, name="study")
 
 logger = logging.getLogger("mole")
 

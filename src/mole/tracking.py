@@ -522,3 +522,19 @@ def mole_pyfunc() -> Any:
 
         _PYFUNC = MolePyfunc
     return _PYFUNC()
+
+
+def log_to_run(run_id: str, metrics: Mapping[str, float], artifacts: list[Path], artifact_path: str,
+               tags: Mapping[str, str] | None = None) -> None:  # fmt: skip
+    """Add metrics, artifacts and tags to an existing (possibly finished) run: what a later analysis of a stage's
+    output, such as a user study of an evaluation, learned about it. The run is not reopened."""
+    import time
+
+    from mlflow.entities import Metric, RunTag
+
+    client = _client()
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                     tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])  # fmt: skip
+    for path in artifacts:
+        client.log_artifact(run_id, str(path), artifact_path)

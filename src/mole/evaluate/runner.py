@@ -146,6 +146,9 @@ def evaluate_tracked(settings: EvalSettings, output: str | os.PathLike[str]) -> 
         info = tracking.source_of(settings.model if "://" in settings.model else settings.gates or settings.model)
         run.log_upstream("model", info.get("mlflow_run_id"), info.get("model_id"))
         report = evaluate(settings, output)
+        # The run id in report.json: what later reads this output (a user study) logs onto this run.
+        report["mlflow_run_id"] = run.run_id
+        (output / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         for name, s in report["scores"].items():
             run.log_metrics({name: s["mean"], f"{name}_stderr": s["stderr"]}, step=0)
         for artifact in ("report.md", "report.json", "scores.csv"):
