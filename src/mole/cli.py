@@ -415,7 +415,10 @@ curate_app.command("scenes")(
     _curate_command("scenes", "Human-in-the-scene photos: sliding-window crops resized, blur and person filters.")
 )
 curate_app.command("faces")(
-    _curate_command("faces", "Close-up faces (CelebA-HQ / FFHQ layouts): detected, square-cropped with margin.")
+    _curate_command(
+        "faces",
+        "Close-up faces: detected and square-cropped with a margin; aligned datasets (CelebA-HQ, FFHQ): --set aligned=true resizes them as they are.",
+    )
 )
 curate_app.command("hands")(
     _curate_command("hands", "Close-up hands (11k Hands layout, or a hand detector model): square crops.")

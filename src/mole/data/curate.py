@@ -81,9 +81,17 @@ class CurateConfig(BaseModel):
     default_caption: str | None = None
     """Caption for inputs with no sidecar caption and no captioner; null rejects them ("no caption")."""
     captioner: str | None = None
-    """A local transformers image-to-text model (BLIP, LLaVA...) for inputs without a sidecar caption."""
+    """A local transformers image-text-to-text model folder (BLIP, BLIP-2, LLaVA...). Scenes: every kept
+    window is captioned on its own (the photo's sidecar caption is the fallback); faces/hands: inputs
+    without a sidecar caption are captioned."""
     captioner_prompt: str | None = None
-    """Prompt for chat-style captioners (the paper: "Describe this image in one sentence with details.")."""
+    """Prompt for the captioner; chat models default to the paper's "Describe this image in one sentence
+    with details.", plain captioners (BLIP) continue it as a prefix."""
+    captioner_batch_size: int = Field(8, ge=1)
+    """Crops per captioner ``generate`` call."""
+    aligned: bool = False
+    """Faces: inputs are already aligned close-ups (CelebA-HQ, FFHQ): no detection, the image is resized as it
+    is (a non-square one centre-cropped), as the paper uses these datasets."""
     tokenizer: str | None = None
     """A CLIP tokenizer folder for exact 77-token truncation (default: mole's conservative BPE)."""
     clip_model: str | None = None
@@ -125,7 +133,7 @@ class _Worker:
         self.truncate = CaptionTruncator(cfg.tokenizer)
         self.clean = clean_caption
         self.face = self.hand = self.captioner = self.clip = None
-        if kind == "faces":
+        if kind == "faces" and not cfg.aligned:
             from mole.data.filters import FaceDetector
 
             self.face = FaceDetector()
@@ -134,11 +142,11 @@ class _Worker:
 
             self.hand = HandDetector(cfg.hand_model)
         if cfg.captioner:
-            from mole.data.captions import Captioner
+            from mole.data.captioner import Captioner
 
-            self.captioner = Captioner(cfg.captioner, cfg.captioner_prompt)
+            self.captioner = Captioner(cfg.captioner, cfg.captioner_prompt, batch_size=cfg.captioner_batch_size)
         if cfg.clip_model:
-            from mole.data.captions import ClipScorer
+            from mole.data.captioner import ClipScorer
 
             self.clip = ClipScorer(cfg.clip_model)
 
@@ -150,6 +158,8 @@ class _Worker:
         if self.kind == "scenes":
             boxes = sliding_windows(image.width, image.height, self.cfg.window, self.cfg.stride)
             return [(crop_resize(image, b, size), {"box": list(b)}) for b in boxes]
+        if self.kind == "faces" and self.cfg.aligned:
+            record["aligned"] = True  # an aligned close-up: resized as it is (the centred square if not square)
         detector = self.face if self.kind == "faces" else self.hand
         if detector is not None:
             found = detector.detect(image)
@@ -167,15 +177,52 @@ class _Worker:
         box = (left, top, left + side, top + side)
         return [(crop_resize(image, box, size), {"box": list(box), "center_crop": True})]
 
-    def caption(self, path: Path, image) -> tuple[str | None, str]:
-        text = sidecar_caption(path)
-        if text is not None:
-            return text, "sidecar"
-        if self.captioner is not None:
-            return self.captioner(image), "captioner"
-        return self.cfg.default_caption, "default"
+    def _finish_caption(self, text: str | None) -> tuple[str, bool] | None:
+        """Cleaned and truncated caption, or None when nothing is left."""
+        cleaned = self.clean(text) if text else ""
+        return self.truncate(cleaned) if cleaned else None
+
+    def captions(self, path: Path, crops: list[Any], record: dict[str, Any]) -> list[tuple[str, str, bool] | str]:
+        """One ``(caption, source, truncated)`` per crop, or the reason it has none.
+
+        Scenes with a captioner: each crop is captioned on its own (a 1024² window of a large photo shows
+        one part of it); the photo's sidecar caption, then ``default_caption``, stand in for a crop whose
+        caption fails or cleans to nothing, and the source says so. Faces and hands: the sidecar caption of
+        the close-up first, the captioner for the rest. A captioner that raises rejects nothing by itself.
+        """
+        sidecar = sidecar_caption(path)
+        fallback, fallback_source = (
+            (sidecar, "sidecar") if sidecar is not None else (self.cfg.default_caption, "default")
+        )
+        generated: list[str | None] = [None] * len(crops)
+        why = ""
+        called = self.captioner is not None and bool(crops) and (self.kind == "scenes" or sidecar is None)
+        if called:
+            try:
+                generated = list(self.captioner.caption(crops))
+            except Exception as err:  # a model failure must not lose the input: fall back, and say why
+                logger.warning("%s: captioner failed: %s: %s", path.name, type(err).__name__, err)
+                why = f"captioner error: {type(err).__name__}: {err}"
+                record["captioner_error"] = why
+        out: list[tuple[str, str, bool] | str] = []
+        for text in generated:
+            done = self._finish_caption(text)
+            if done is not None:
+                out.append((done[0], "captioner", done[1]))
+                continue
+            reason = (why or "captioner: empty caption after cleanup") if called else ""
+            done = self._finish_caption(fallback)
+            if done is not None:
+                out.append((done[0], f"{fallback_source} (fallback)" if called else fallback_source, done[1]))
+            elif fallback is not None and not reason:
+                out.append("empty caption after cleanup")
+            else:
+                out.append(f"no caption ({reason or 'no sidecar, no captioner, no default_caption'})")
+        return out
 
     def __call__(self, task: tuple[int, str]) -> InputResult:
+        from mole.data.filters import run_filters
+
         index, source = task
         path = self.root / source
         record: dict[str, Any] = {"source": source, "status": "rejected", "reason": None, "samples": 0}
@@ -187,36 +234,56 @@ class _Worker:
             record["width"], record["height"] = image.size
             h = phash(image)
             record["phash"] = f"{h:016x}"
-            text, origin = self.caption(path, image)
-            if text is None:
+            if self.captioner is None and self.cfg.default_caption is None and sidecar_caption(path) is None:
                 raise Rejected("no caption (no sidecar, no captioner, no default_caption)")
-            cleaned = self.clean(text)
-            if not cleaned:
-                raise Rejected("empty caption after cleanup")
-            caption, truncated = self.truncate(cleaned)
-            record.update(caption=caption, caption_source=origin, caption_truncated=truncated)
             attrs = self.attributes.lookup(path, self.root)
             result = InputResult(record, hash=h)
             crop_reasons: Counter[str] = Counter()
-            scores_per_crop = []
             candidates = self.crops(image, record)
-            clip_scores = self.clip([c for c, _ in candidates], [caption] * len(candidates)) if self.clip else None
-            for k, (crop, geometry) in enumerate(candidates):
-                from mole.data.filters import run_filters
-
+            scores_per_crop: list[dict[str, float]] = []
+            passed_crops: list[int] = []
+            for k, (crop, _) in enumerate(candidates):  # cheap filters first: only survivors are captioned
                 passed, scores, reason = run_filters(self.filters, crop)
-                if clip_scores is not None:
-                    scores["clip"] = clip_scores[k]
-                    if passed and clip_scores[k] < self.cfg.min_clip_score:
-                        passed, reason = False, f"clip score {clip_scores[k]:.1f} < {self.cfg.min_clip_score}"
                 scores_per_crop.append(scores)
-                if not passed:
+                if passed:
+                    passed_crops.append(k)
+                else:
                     crop_reasons[(reason or "filtered").split(" (")[0]] += 1
-                    continue
+            captions = self.captions(path, [candidates[k][0] for k in passed_crops], record)
+            captioned = []
+            for k, cap in zip(passed_crops, captions, strict=True):
+                if isinstance(cap, str):
+                    crop_reasons[cap.split(" (")[0]] += 1
+                    scores_per_crop[k]["no_caption"] = 1.0
+                    record.setdefault("caption_errors", []).append({"crop": k, "reason": cap})
+                else:
+                    captioned.append((k, cap))
+            clip_scores = (
+                self.clip([candidates[k][0] for k, _ in captioned], [c[0] for _, c in captioned])
+                if self.clip is not None and captioned
+                else None
+            )
+            crop_captions = []
+            for j, (k, (caption, origin, truncated)) in enumerate(captioned):
+                crop, geometry = candidates[k]
+                scores = scores_per_crop[k]
+                crop_captions.append({"crop": k, "caption": caption, "caption_source": origin,
+                                      "caption_truncated": truncated})  # fmt: skip
+                if clip_scores is not None:
+                    scores["clip"] = clip_scores[j]
+                    if clip_scores[j] < self.cfg.min_clip_score:
+                        crop_reasons[f"clip score < {self.cfg.min_clip_score:g}"] += 1
+                        continue
                 key = f"{index:08d}_{k:03d}"
                 meta = {"source": source, "crop": k, **geometry, "scores": scores, "attributes": attrs,
-                        "license": record["license"]}  # fmt: skip
+                        "license": record["license"], "caption_source": origin}  # fmt: skip
                 result.samples.append((crop, caption, meta, key))
+            if crop_captions:  # the photo's caption line: the first crop's (all of them below)
+                first = crop_captions[0]
+                record.update(caption=first["caption"], caption_source=first["caption_source"],
+                              caption_truncated=first["caption_truncated"])  # fmt: skip
+            if len(candidates) > 1 or self.captioner is not None:
+                record["crop_captions"] = crop_captions
             record["scores"] = scores_per_crop
             record["crops"] = len(candidates)
             record["crops_rejected"] = dict(crop_reasons)
