@@ -417,7 +417,8 @@ curate_app.command("scenes")(
 curate_app.command("faces")(
     _curate_command(
         "faces",
-        "Close-up faces: detected and square-cropped with a margin; aligned datasets (CelebA-HQ, FFHQ): --set aligned=true resizes them as they are.",
+        "Close-up faces: detected and square-cropped with a margin; aligned datasets (CelebA-HQ, FFHQ): "
+        "--set aligned=true resizes them as they are.",
     )
 )
 curate_app.command("hands")(
