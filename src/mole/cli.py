@@ -258,7 +258,13 @@ def serve(
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", help="Recipe YAML (configs/tiny.yaml, configs/paper.yaml).")
 ]
-DataOpt = Annotated[str | None, typer.Option(help="Dataset folder or s3:// URI (overrides the config).")]
+DataOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="Dataset folder or s3:// URI (overrides the config); repeat as NAME=DIR for a mixture "
+        "(--data scenes=DIR --data faces=DIR --data hands=DIR, weighted by data_weights)."
+    ),
+]
 OutputOpt = Annotated[Path | None, typer.Option(help="Folder for the result, checkpoints and metrics.")]
 StepsOpt = Annotated[int | None, typer.Option(help="Optimizer steps (overrides the config).")]
 ResumeOpt = Annotated[
@@ -273,11 +279,12 @@ def _train(stage: str, config: Path | None, overrides: list[str] | None, **kwarg
     from mole.data.shards import DatasetError
     from mole.storage import StorageError
     from mole.train import ConfigError, load_config, train_stage
-    from mole.train.config import parse_overrides
+    from mole.train.config import parse_data, parse_overrides
     from mole.train.stages import StageError
 
     try:
         recipe = load_config(config, parse_overrides(overrides))
+        kwargs["data"] = parse_data(kwargs.get("data"))
         result = train_stage(stage, recipe, **kwargs)
     except (ConfigError, StageError, DatasetError, StorageError, FileNotFoundError) as err:
         raise _fail(err) from err
