@@ -147,7 +147,7 @@ class ExpertConfig(TrainConfig):
     """LoRA rank r."""
     alpha: float = Field(64.0, gt=0)
     """LoRA alpha α; the expert's scale is α/r."""
-    target_modules: list[str] = [
+    target_modules: list[str] | Literal["all-linear"] = [
         "to_q",
         "to_k",
         "to_v",
@@ -157,7 +157,9 @@ class ExpertConfig(TrainConfig):
         "ff.net.0.proj",
         "ff.net.2",
     ]
-    """UNet modules that get a LoRA pair (peft names or suffixes)."""
+    """UNet modules that get a LoRA pair (peft names or suffixes), or ``all-linear``: every ``nn.Linear`` and
+    1×1 ``nn.Conv2d`` of the UNet (the paper's "any linear layers", Fig. 4: time embedding, ResNet time
+    projections and 1×1 shortcuts too). The gates stage mixes every layer the experts have."""
     dropout: float = Field(0.0, ge=0, lt=1)
     """LoRA dropout."""
 
