@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +138,54 @@ class Captioner:
 
     def __call__(self, image: Any) -> str:
         return self.caption([image])[0]
+
+
+def caption_crops(
+    crops: list[Any],
+    *,
+    captioner: Captioner | None,
+    finish: Callable[[str | None], tuple[str, bool] | None],
+    sidecar: str | None,
+    default: str | None,
+    every_crop: bool,
+    label: str = "",
+) -> tuple[list[tuple[str, str, bool] | str], str | None]:
+    """Curation's caption for each crop: ``(caption, source, truncated)``, or the reason it has none.
+
+    With ``every_crop`` (scenes) and a captioner, each crop is captioned on its own: a 1024² window of a large
+    photo shows one part of it. The photo's sidecar caption, then ``default``, stand in for a crop whose
+    caption fails or cleans to nothing, and the source says so (``sidecar (fallback)``). Without
+    ``every_crop`` (faces, hands) the sidecar caption comes first and the captioner only captions the rest. A
+    captioner that raises loses nothing: its error is returned (second value) and the fallbacks apply.
+
+    Args:
+        finish: Cleans and truncates a raw caption; None when nothing is left.
+    """
+    fallback, fallback_source = (sidecar, "sidecar") if sidecar is not None else (default, "default")
+    generated: list[str | None] = [None] * len(crops)
+    error = None
+    called = captioner is not None and bool(crops) and (every_crop or sidecar is None)
+    if called and captioner is not None:
+        try:
+            generated = list(captioner.caption(crops))
+        except Exception as err:  # a model failure must not lose the input: fall back, and say why
+            logger.warning("%s: captioner failed: %s: %s", label, type(err).__name__, err)
+            error = f"captioner error: {type(err).__name__}: {err}"
+    out: list[tuple[str, str, bool] | str] = []
+    for text in generated:
+        done = finish(text)
+        if done is not None:
+            out.append((done[0], "captioner", done[1]))
+            continue
+        reason = (error or "captioner: empty caption after cleanup") if called else ""
+        done = finish(fallback)
+        if done is not None:
+            out.append((done[0], f"{fallback_source} (fallback)" if called else fallback_source, done[1]))
+        elif fallback is not None and not reason:
+            out.append("empty caption after cleanup")
+        else:
+            out.append(f"no caption ({reason or 'no sidecar, no captioner, no default_caption'})")
+    return out, error
 
 
 class ClipScorer:

@@ -183,41 +183,15 @@ class _Worker:
         return self.truncate(cleaned) if cleaned else None
 
     def captions(self, path: Path, crops: list[Any], record: dict[str, Any]) -> list[tuple[str, str, bool] | str]:
-        """One ``(caption, source, truncated)`` per crop, or the reason it has none.
+        """One ``(caption, source, truncated)`` per crop, or the reason it has none (see :func:`caption_crops`)."""
+        from mole.data.captioner import caption_crops
 
-        Scenes with a captioner: each crop is captioned on its own (a 1024² window of a large photo shows
-        one part of it); the photo's sidecar caption, then ``default_caption``, stand in for a crop whose
-        caption fails or cleans to nothing, and the source says so. Faces and hands: the sidecar caption of
-        the close-up first, the captioner for the rest. A captioner that raises rejects nothing by itself.
-        """
-        sidecar = sidecar_caption(path)
-        fallback, fallback_source = (
-            (sidecar, "sidecar") if sidecar is not None else (self.cfg.default_caption, "default")
-        )
-        generated: list[str | None] = [None] * len(crops)
-        why = ""
-        called = self.captioner is not None and bool(crops) and (self.kind == "scenes" or sidecar is None)
-        if called:
-            try:
-                generated = list(self.captioner.caption(crops))
-            except Exception as err:  # a model failure must not lose the input: fall back, and say why
-                logger.warning("%s: captioner failed: %s: %s", path.name, type(err).__name__, err)
-                why = f"captioner error: {type(err).__name__}: {err}"
-                record["captioner_error"] = why
-        out: list[tuple[str, str, bool] | str] = []
-        for text in generated:
-            done = self._finish_caption(text)
-            if done is not None:
-                out.append((done[0], "captioner", done[1]))
-                continue
-            reason = (why or "captioner: empty caption after cleanup") if called else ""
-            done = self._finish_caption(fallback)
-            if done is not None:
-                out.append((done[0], f"{fallback_source} (fallback)" if called else fallback_source, done[1]))
-            elif fallback is not None and not reason:
-                out.append("empty caption after cleanup")
-            else:
-                out.append(f"no caption ({reason or 'no sidecar, no captioner, no default_caption'})")
+        out, error = caption_crops(
+            crops, captioner=self.captioner, finish=self._finish_caption, sidecar=sidecar_caption(path),
+            default=self.cfg.default_caption, every_crop=self.kind == "scenes", label=path.name,
+        )  # fmt: skip
+        if error:
+            record["captioner_error"] = error
         return out
 
     def __call__(self, task: tuple[int, str]) -> InputResult:
