@@ -81,6 +81,36 @@ def build_llava(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def build_blip2(folder: Path, seed: int = 0) -> Path:
+    """Blip2ForConditionalGeneration (ViT + Q-Former + OPT) + Blip2Processor, which inserts the query tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, PreTrainedTokenizerFast
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(["<pad>", "<unk>", "</s>", "<image>", "<s>", *WORDS]))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")
+    # No image_token attribute: as hub BLIP-2 tokenizers, the processor adds "<image>" itself.
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>")  # fmt: skip
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 32, "patch_size": 8}  # fmt: skip
+    qformer = {"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+               "num_attention_heads": 2, "encoder_hidden_size": 32}  # fmt: skip
+    text = {"model_type": "opt", "vocab_size": len(vocab), "hidden_size": 32, "ffn_dim": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "word_embed_proj_dim": 32, "max_position_embeddings": 128, "bos_token_id": 4,
+            "eos_token_id": 2, "pad_token_id": 0}  # fmt: skip
+    torch.manual_seed(seed)
+    config = Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=4,
+                         image_token_index=vocab["<image>"])  # fmt: skip
+    Blip2ForConditionalGeneration(config).save_pretrained(folder)
+    image_processor = BlipImageProcessorPil(size={"height": 32, "width": 32})
+    Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=4).save_pretrained(folder)
+    return folder
+
+
 def build_clip(folder: Path, seed: int = 0) -> Path:
     """CLIPModel + CLIPProcessor with mole's BPE tokenizer, loaded from a folder (the transformers-5 trap)."""
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tests.captioner_models import build_blip, build_clip, build_llava
+from tests.captioner_models import build_blip, build_blip2, build_clip, build_llava
 from typer.testing import CliRunner
 
 from mole.cli import app
@@ -27,7 +27,8 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
-    return {"blip": build_blip(root / "blip"), "llava": build_llava(root / "llava"), "clip": build_clip(root / "clip")}
+    return {"blip": build_blip(root / "blip"), "blip2": build_blip2(root / "blip2"),
+            "llava": build_llava(root / "llava"), "clip": build_clip(root / "clip")}  # fmt: skip
 
 
 def _images(n: int, seed: int = 0) -> list[Image.Image]:
@@ -47,7 +48,7 @@ def _count_generate(captioner: Captioner) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("family", ["blip", "llava"])
+@pytest.mark.parametrize("family", ["blip", "blip2", "llava"])
 def test_captioner_generates_in_batches_and_returns_only_the_answer(models, family: str) -> None:
     captioner = Captioner(models[family], batch_size=2, max_new_tokens=6, device="cpu")
     calls = _count_generate(captioner)
@@ -82,6 +83,13 @@ def test_chat_models_get_the_paper_prompt_and_blip_continues_a_prefix(models) ->
             blip.model.generate(**inputs, max_new_tokens=4)[0], skip_special_tokens=True
         )
     assert full.startswith("a photo of") and full[len("a photo of") :].strip() == caption
+
+
+def test_blip2_gets_its_query_tokens_from_its_processor_not_from_the_prompt(models) -> None:
+    blip2 = Captioner(models["blip2"], prompt="a photo of", device="cpu", max_new_tokens=4, batch_size=3)
+    assert blip2._text() == "a photo of"  # the processor prepends the Q-Former's image tokens itself
+    captions = blip2.caption(_images(3))
+    assert len(captions) == 3 and not any(c.startswith("a photo of") and len(c) == len("a photo of") for c in captions)
 
 
 def test_captioner_refuses_what_is_not_a_captioner(models, tmp_path: Path) -> None:

@@ -92,8 +92,10 @@ class Captioner:
         if self.chat:
             messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt or ""}]}]
             return str(self.processor.apply_chat_template(messages, add_generation_prompt=True))
-        image_token = getattr(self.processor, "image_token", None)
-        if image_token and (not self.prompt or image_token not in self.prompt):
+        image_token = str(getattr(self.processor, "image_token", "") or "")
+        # Q-Former processors (BLIP-2, InstructBLIP) put their query tokens in front themselves.
+        own_tokens = getattr(self.processor, "num_query_tokens", None) is not None
+        if image_token and not own_tokens and (not self.prompt or image_token not in self.prompt):
             return f"{image_token} {self.prompt or ''}".strip()  # LLaVA-style models saved without a template
         return self.prompt
 
