@@ -198,6 +198,8 @@ def _sampler(dataset: ImageCaptionDataset, cfg: TrainConfig, start: int, rank: i
         weights = [float(cfg.data_weights.get(name, 0.0)) for name, _, _ in dataset.sources]
         logger.info("data mixture: %s", {name: w for (name, _, _), w in zip(dataset.sources, weights, strict=True)})
         return MixtureSampler([n for _, _, n in dataset.sources], weights, cfg.seed, start, rank, world)
+    if cfg.data_weights:
+        logger.warning("data_weights %s ignored: one dataset, nothing to weigh", cfg.data_weights)
     return ResumableSampler(len(dataset), cfg.seed, start, rank, world)
 
 
