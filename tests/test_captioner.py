@@ -205,3 +205,13 @@ def test_failing_model_calls_lose_no_input(models, tmp_path: Path, monkeypatch: 
     records = [json.loads(x) for x in (tmp_path / "b" / "manifest.jsonl").read_text().splitlines()]
     assert stats["rejected"] == 2 and len(records) == 2
     assert all(r["reason"] == "error: RuntimeError: clip exploded" for r in records)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_model_that_cannot_load_stops_curation_clearly(models, tmp_path: Path, workers: int) -> None:
+    """Not an input's fault: the run stops with the reason (in worker processes too, instead of hanging)."""
+    raw = _scene_folder(tmp_path / "raw")
+    result = runner.invoke(app, ["curate", "scenes", "--input", str(raw), "--output", str(tmp_path / "out"),
+                                 "--workers", str(workers), "--set", f"captioner={models['clip']}"])  # fmt: skip
+    assert result.exit_code == 2 and "image-text-to-text" in result.output, result.output

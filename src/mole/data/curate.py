@@ -277,18 +277,25 @@ class _Worker:
 
 
 _WORKER: _Worker | None = None
+_INIT_ERROR: Exception | None = None
 
 
 def _init_worker(*args: Any) -> None:
-    global _WORKER
+    global _WORKER, _INIT_ERROR
     import torch
 
     torch.set_num_threads(1)  # one core per worker process
-    _WORKER = _Worker(*args)
+    try:
+        _WORKER = _Worker(*args)
+    except Exception as err:  # raised from _run: a failing initializer would make the pool respawn it forever
+        _INIT_ERROR = err
 
 
 def _run(task: tuple[int, str]) -> InputResult:
-    assert _WORKER is not None
+    if _INIT_ERROR is not None:
+        raise _INIT_ERROR  # e.g. a captioner folder that is not a captioner: the whole curation stops, clearly
+    if _WORKER is None:
+        raise RuntimeError("curation worker was not initialised")
     return _WORKER(task)
 
 
