@@ -215,3 +215,28 @@ def test_a_model_that_cannot_load_stops_curation_clearly(models, tmp_path: Path,
     result = runner.invoke(app, ["curate", "scenes", "--input", str(raw), "--output", str(tmp_path / "out"),
                                  "--workers", str(workers), "--set", f"captioner={models['clip']}"])  # fmt: skip
     assert result.exit_code == 2 and "image-text-to-text" in result.output, result.output
+
+
+def test_close_ups_of_several_inputs_are_captioned_in_one_call(models, tmp_path: Path, monkeypatch) -> None:
+    """Faces and hands give one crop per input: the captioner gets the crops of a group of inputs at once."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    astronaut = Image.fromarray(skdata.astronaut())
+    for i in range(5):
+        astronaut.rotate(3 * i).save(raw / f"{i}.png")
+    (raw / "2.txt").write_text("an astronaut smiling")  # has its own caption: not sent to the captioner
+    calls: list[int] = []
+    original = Captioner.caption
+
+    def counting(self, images):
+        calls.append(len(images))
+        return original(self, images)
+
+    monkeypatch.setattr(Captioner, "caption", counting)
+    cfg = CurateConfig(size=64, min_side=64, filters={}, captioner=str(models["llava"]), aligned=True,
+                       default_caption="a person", captioner_batch_size=3, dedup_distance=None)  # fmt: skip
+    stats = curate("faces", raw, tmp_path / "out", cfg, workers=1, progress=False)
+    assert stats["kept"] == 5 and calls == [2, 2]  # groups of 3 inputs, less the one with a sidecar
+    records = {r["source"]: r for r in map(json.loads, (tmp_path / "out" / "manifest.jsonl").read_text().splitlines())}
+    assert records["2.png"]["caption_source"] == "sidecar" and records["2.png"]["caption"] == "an astronaut smiling"
+    assert {records[f"{i}.png"]["caption_source"] for i in (0, 1, 3, 4)} <= {"captioner", "default (fallback)"}

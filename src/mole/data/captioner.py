@@ -142,10 +142,25 @@ class Captioner:
         return self.caption([image])[0]
 
 
+class Precomputed:
+    """Stands in for a :class:`Captioner` whose batch call already ran: hands back its answer (or raises its
+    error), so :func:`caption_crops` applies the same fallbacks to captions made for several inputs at once."""
+
+    def __init__(self, answer: list[str] | Exception) -> None:
+        self.answer = answer
+
+    def caption(self, images: Sequence[Any]) -> list[str]:
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        if len(self.answer) != len(images):
+            raise ValueError(f"captioner returned {len(self.answer)} captions for {len(images)} images")
+        return list(self.answer)
+
+
 def caption_crops(
     crops: list[Any],
     *,
-    captioner: Captioner | None,
+    captioner: Captioner | Precomputed | None,
     finish: Callable[[str | None], tuple[str, bool] | None],
     sidecar: str | None,
     default: str | None,

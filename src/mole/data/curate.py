@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,7 +88,8 @@ class CurateConfig(BaseModel):
     """Prompt for the captioner; chat models default to the paper's "Describe this image in one sentence
     with details.", plain captioners (BLIP) continue it as a prefix."""
     captioner_batch_size: int = Field(8, ge=1)
-    """Crops per captioner ``generate`` call."""
+    """Crops per captioner ``generate`` call; with a captioner, this many inputs are also processed together,
+    so that close-ups (one crop per input) fill the batch."""
     aligned: bool = False
     """Faces: inputs are already aligned close-ups (CelebA-HQ, FFHQ): no detection, the image is resized as it
     is (a non-square one centre-cropped), as the paper uses these datasets."""
@@ -182,19 +183,59 @@ class _Worker:
         cleaned = self.clean(text) if text else ""
         return self.truncate(cleaned) if cleaned else None
 
-    def captions(self, path: Path, crops: list[Any], record: dict[str, Any]) -> list[tuple[str, str, bool] | str]:
-        """One ``(caption, source, truncated)`` per crop, or the reason it has none (see :func:`caption_crops`)."""
-        from mole.data.captioner import caption_crops
+    def captions(
+        self, path: Path, crops: list[Any], record: dict[str, Any], generated: list[str] | Exception | None
+    ) -> list[tuple[str, str, bool] | str]:
+        """One ``(caption, source, truncated)`` per crop, or the reason it has none (see :func:`caption_crops`);
+        ``generated`` is what the captioner said for these crops in the batch call (or how it failed)."""
+        from mole.data.captioner import Precomputed, caption_crops
 
         out, error = caption_crops(
-            crops, captioner=self.captioner, finish=self._finish_caption, sidecar=sidecar_caption(path),
-            default=self.cfg.default_caption, every_crop=self.kind == "scenes", label=path.name,
+            crops, captioner=Precomputed(generated) if generated is not None else None, finish=self._finish_caption,
+            sidecar=sidecar_caption(path), default=self.cfg.default_caption, every_crop=self.kind == "scenes",
+            label=path.name,
         )  # fmt: skip
         if error:
             record["captioner_error"] = error
         return out
 
+    def _wants_captions(self, path: Path, crops: list[Any]) -> bool:
+        return self.captioner is not None and bool(crops) and (self.kind == "scenes" or sidecar_caption(path) is None)
+
+    def batch(self, tasks: list[tuple[int, str]]) -> list[InputResult]:
+        """Process inputs together so that the captioner sees the crops of all of them in one call (batches of
+        ``captioner_batch_size``: one close-up per input would otherwise mean one image per ``generate``)."""
+        results: list[InputResult | None] = [None] * len(tasks)
+        pending = []
+        for i, task in enumerate(tasks):
+            steps = self._process(task)
+            try:
+                pending.append((i, steps, next(steps)))  # runs up to the captioner: the crops it wants captioned
+            except StopIteration as stop:
+                results[i] = stop.value
+        if pending:
+            flat = [crop for _, _, crops in pending for crop in crops]
+            try:
+                said: list[str] | Exception = list(self.captioner.caption(flat)) if self.captioner else []
+            except Exception as err:  # every input of the batch falls back, and the manifest says why
+                said = err
+            start = 0
+            for i, steps, crops in pending:
+                answer = said if isinstance(said, Exception) else said[start : start + len(crops)]
+                start += len(crops)
+                try:
+                    steps.send(answer)
+                    raise RuntimeError("curation step did not finish after its captions")
+                except StopIteration as stop:
+                    results[i] = stop.value
+        return [r for r in results if r is not None]
+
     def __call__(self, task: tuple[int, str]) -> InputResult:
+        return self.batch([task])[0]
+
+    def _process(self, task: tuple[int, str]) -> Generator[list[Any], list[str] | Exception, InputResult]:
+        """One input, as a generator: it yields the crops to caption (only when the captioner is wanted), is sent
+        the captions (or the captioner's exception), and returns the input's result."""
         from mole.data.filters import run_filters
 
         index, source = task
@@ -223,7 +264,9 @@ class _Worker:
                     passed_crops.append(k)
                 else:
                     crop_reasons[(reason or "filtered").split(" (")[0]] += 1
-            captions = self.captions(path, [candidates[k][0] for k in passed_crops], record)
+            to_caption = [candidates[k][0] for k in passed_crops]
+            generated = (yield to_caption) if self._wants_captions(path, to_caption) else None
+            captions = self.captions(path, to_caption, record, generated)
             captioned = []
             for k, cap in zip(passed_crops, captions, strict=True):
                 if isinstance(cap, str):
@@ -291,12 +334,12 @@ def _init_worker(*args: Any) -> None:
         _INIT_ERROR = err
 
 
-def _run(task: tuple[int, str]) -> InputResult:
+def _run(tasks: list[tuple[int, str]]) -> list[InputResult]:
     if _INIT_ERROR is not None:
         raise _INIT_ERROR  # e.g. a captioner folder that is not a captioner: the whole curation stops, clearly
     if _WORKER is None:
         raise RuntimeError("curation worker was not initialised")
-    return _WORKER(task)
+    return _WORKER.batch(tasks)
 
 
 def _chunk_dir(output: Path, chunk: int) -> Path:
@@ -307,16 +350,19 @@ def _chunk_done(output: Path, chunk: int) -> bool:
     return (_chunk_dir(output, chunk) / "manifest.jsonl").is_file()
 
 
-def _results(kind: Kind, cfg: CurateConfig, root: Path, tasks: list[tuple[int, str]], workers: int, init: tuple):
+def _results(groups: list[list[tuple[int, str]]], workers: int, init: tuple) -> Iterator[InputResult]:
+    """Results in input order; each group of inputs is processed together (captioned in one call)."""
     if workers <= 1:
         worker = _Worker(*init)
-        yield from (worker(t) for t in tasks)
+        for group in groups:
+            yield from worker.batch(group)
         return
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")  # no fork after torch and OpenCV threads exist
     with ctx.Pool(workers, initializer=_init_worker, initargs=init) as pool:
-        yield from pool.imap(_run, tasks, chunksize=4)
+        for results in pool.imap(_run, groups, chunksize=1 if len(groups[0] if groups else []) > 1 else 4):
+            yield from results
 
 
 def curate(
@@ -371,8 +417,9 @@ def curate(
                 if rec["status"] == "kept" and rec.get("phash"):
                     dedup.check(int(rec["phash"], 16), rec["source"])
     bar.update(sum(len(t) for c, t in chunks if c in done_chunks))
-    flat = [t for _, tasks in todo for t in tasks]
-    results = _results(kind, cfg, root, flat, workers, init)
+    size = cfg.captioner_batch_size if cfg.captioner else 1  # groups stay within a chunk: resumes see the same
+    groups = [tasks[i : i + size] for _, tasks in todo for i in range(0, len(tasks), size)]
+    results = _results(groups, workers, init)
     for c, tasks in todo:
         _write_chunk(out, c, kind, cfg, (next(results) for _ in tasks), dedup, bar)
     bar.close()
