@@ -169,9 +169,12 @@ def build_pipeline(
                                **run)  # fmt: skip
                 _retry(_common(task, p, cpu="8", memory="32Gi"), retries).set_display_name(f"data-{kind}")
                 data[kind] = task.output
+            # Stage 1 and the gates train on the whole human-centric dataset (paper §2): every data step, as
+            # NAME=URI entries in one string (kfp resolves the f-string; `mole train --data` splits on ';').
+            mixture = ";".join(f"{kind}={data[kind]}" for kind in kinds)
 
             with dsl.If(stage1_launcher == "local", name="stage1-in-pod"):
-                local = stage1_op(config=config, data=data["scenes"], base_model=base, workdir=workdir,
+                local = stage1_op(config=config, data=mixture, base_model=base, workdir=workdir,
                                   max_steps=stage1_max_steps, launcher=stage1_launcher, gpus=gpus, nodes=1,
                                   job_id=job_id, namespace=namespace, image=image, node_selector=node_selector,
                                   tolerations=tolerations, workspace_pvc=workspace_pvc, workspace=workspace,
@@ -180,7 +183,7 @@ def build_pipeline(
                 _gpu(local, p).set_caching_options(False).set_display_name("stage1")
             with dsl.Else(name="stage1-multi-node"):
                 # This pod only launches and follows the TrainJob / PyTorchJob: no GPU of its own.
-                launcher = stage1_op(config=config, data=data["scenes"], base_model=base, workdir=workdir,
+                launcher = stage1_op(config=config, data=mixture, base_model=base, workdir=workdir,
                                      max_steps=stage1_max_steps, launcher=stage1_launcher, gpus=gpus,
                                      nodes=stage1_nodes, job_id=job_id, namespace=namespace, image=image,
                                      node_selector=node_selector, tolerations=tolerations,
@@ -197,7 +200,7 @@ def build_pipeline(
                 _gpu(task, p).set_caching_options(False).set_display_name(f"expert-{name_}")
                 expert_specs.append(task.output)
 
-            gates = gates_op(config=config, data=data["scenes"], base_model=stage1, experts=expert_specs, gate=gate,
+            gates = gates_op(config=config, data=mixture, base_model=stage1, experts=expert_specs, gate=gate,
                              gate_condition=gate_condition, workdir=workdir, max_steps=gates_max_steps, gpus=gpus,
                              **run)  # fmt: skip
             _gpu(gates, p).set_caching_options(False).set_display_name("gates")

@@ -209,3 +209,21 @@ def test_curate_to_s3_and_train_from_it(messy, s3_server, tiny_model_dir, tmp_pa
     trained = train_stage("stage1", cfg, output=tmp_path / "s1", data="s3://curated/scenes", base=str(tiny_model_dir),
                           max_steps=2)  # fmt: skip
     assert trained.steps == 2 and (tmp_path / "s1" / "model" / "model_index.json").is_file()
+
+
+def test_aligned_face_datasets_are_resized_as_they_are(tmp_path) -> None:
+    """CelebA-HQ / FFHQ style: already aligned close-ups, no detection; a non-square one is centre-cropped."""
+    root = tmp_path / "raw"
+    face = Image.fromarray(skdata.astronaut()).crop((130, 20, 380, 270))  # an aligned close-up, 250²
+    _save(face, root / "00001.png")
+    _save(Image.fromarray(skdata.coffee()), root / "00002.png")  # no face to detect, 600×400
+    aligned = curate("faces", root, tmp_path / "a", _config(aligned=True, filters={}), workers=1, progress=False)
+    records = {r["source"]: r for r in map(json.loads, (tmp_path / "a" / "manifest.jsonl").read_text().splitlines())}
+    assert aligned["kept"] == 2 and all(r["aligned"] and "detections" not in r for r in records.values())
+    from mole.data.shards import iter_samples
+
+    samples = {s.meta["source"]: s for s in iter_samples(tmp_path / "a")}
+    assert samples["00001.png"].meta["box"] == [0, 0, 250, 250] and samples["00001.png"].image.size == (64, 64)
+    assert samples["00002.png"].meta["box"] == [100, 0, 500, 400]
+    detected = curate("faces", root, tmp_path / "d", _config(filters={}), workers=1, progress=False)
+    assert detected["kept"] == 1 and detected["rejected_by_reason"] == {"no face detected": 1}

@@ -19,11 +19,11 @@ from mole.data.filters import (
     FilterResult,
     HandDetector,
     ImageFilter,
-    PersonFilter,
     build_filters,
     run_filters,
     square_crop_around,
 )
+from mole.data.person import PersonFilter
 
 skdata = pytest.importorskip("skimage.data")
 
@@ -109,10 +109,10 @@ def test_person_filter_rejects_background(name, astronaut, person_filter) -> Non
 
 
 def test_person_filter_reports_small_people(person_filter, astronaut) -> None:
-    strict = PersonFilter(min_area_fraction=0.5)
+    strict = PersonFilter(min_area_fraction=0.9)
     result = strict(astronaut)
     assert not result.passed and result.reason.startswith("person too small (area ")
-    assert f"{result.score:.1%}" in result.reason and "< 50%" in result.reason
+    assert f"{result.score:.1%}" in result.reason and "< 90%" in result.reason
 
 
 # ------------------------------------------------------------------------------------------ hand plug-in

@@ -192,3 +192,17 @@ def test_submit_goes_through_the_kfp_client(monkeypatch: pytest.MonkeyPatch) -> 
     assert kw["arguments"] == {"stage1_nodes": 4, "stage1_launcher": "trainjob"}
     bad = CliRunner().invoke(app, ["pipeline", "submit", "--host", "http://x", "--package", str(PACKAGE), "nope=1"])
     assert bad.exit_code == 2 and "unknown pipeline parameter 'nope'" in bad.output
+
+
+def test_stage1_and_gates_train_on_every_data_step() -> None:
+    """The paper's human-centric dataset: scenes, faces and hands together (`mole train --data` splits on ';')."""
+    spec, _ = _load(PACKAGE)
+    tasks = _tasks(spec)
+    data_outputs = {f"pipelinechannel--{k}-Output" for k in ("data-op", "data-op-2", "data-op-3")}
+    for name in ("stage1", "stage1-launch-trainjob", "gates"):
+        data = tasks[name][0]["inputs"]["parameters"]["data"]["runtimeValue"]["constant"]
+        entries = dict(e.split("=", 1) for e in data.split(";"))
+        assert list(entries) == ["scenes", "faces", "hands"], data
+        assert {v.split("'")[1] for v in entries.values()} == data_outputs
+    expert = tasks["expert-face"][0]["inputs"]["parameters"]["data"]
+    assert "componentInputParameter" in expert or "taskOutputParameter" in expert  # experts: their own kind only

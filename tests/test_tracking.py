@@ -43,7 +43,7 @@ def tracked(mlflow_server, s3_server, tiny_model_dir, tmp_path_factory):
     for name, kind in (("face", "faces"), ("hand", "hands")):
         results[name] = train_stage("expert", cfg, output=root / name, data=str(data[kind]),
                                     base=str(root / "s1" / "model"), max_steps=2, expert_name=name)  # fmt: skip
-    results["gates"] = train_stage("gates", cfg, output=root / "gates", data=str(data["scenes"]),
+    results["gates"] = train_stage("gates", cfg, output=root / "gates", data={k: str(v) for k, v in data.items()},
                                    base=str(root / "s1" / "model"), max_steps=2,
                                    experts={"face": str(root / "face"), "hand": str(root / "hand")})  # fmt: skip
     yield root, data, results
@@ -81,6 +81,8 @@ def test_lineage_walks_back_to_the_datasets(tracked) -> None:
     assert stages["expert:face"]["upstream"]["base"] == stages["stage1"]["run_id"]
     assert stages["stage1"]["datasets"][0]["digest"] == dataset_digest(data["scenes"])
     assert stages["expert:hand"]["datasets"][0]["digest"] == dataset_digest(data["hands"])
+    # The gates trained on the mixture: every source's digest is an input of its run.
+    assert sorted(d["digest"] for d in stages["gates"]["datasets"]) == sorted(dataset_digest(p) for p in data.values())
     text = tracking.format_lineage(chain)
     assert "expert:face" in text and dataset_digest(data["faces"]) in text
 

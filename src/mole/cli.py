@@ -260,7 +260,13 @@ def serve(
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", help="Recipe YAML (configs/tiny.yaml, configs/paper.yaml).")
 ]
-DataOpt = Annotated[str | None, typer.Option(help="Dataset folder or s3:// URI (overrides the config).")]
+DataOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="Dataset folder or s3:// URI (overrides the config); repeat as NAME=DIR for a mixture "
+        "(--data scenes=DIR --data faces=DIR --data hands=DIR, weighted by data_weights)."
+    ),
+]
 OutputOpt = Annotated[Path | None, typer.Option(help="Folder for the result, checkpoints and metrics.")]
 StepsOpt = Annotated[int | None, typer.Option(help="Optimizer steps (overrides the config).")]
 ResumeOpt = Annotated[
@@ -275,11 +281,12 @@ def _train(stage: str, config: Path | None, overrides: list[str] | None, **kwarg
     from mole.data.shards import DatasetError
     from mole.storage import StorageError
     from mole.train import ConfigError, load_config, train_stage
-    from mole.train.config import parse_overrides
+    from mole.train.config import parse_data, parse_overrides
     from mole.train.stages import StageError
 
     try:
         recipe = load_config(config, parse_overrides(overrides))
+        kwargs["data"] = parse_data(kwargs.get("data"))
         result = train_stage(stage, recipe, **kwargs)
     except (ConfigError, StageError, DatasetError, StorageError, FileNotFoundError) as err:
         raise _fail(err) from err
@@ -417,7 +424,11 @@ curate_app.command("scenes")(
     _curate_command("scenes", "Human-in-the-scene photos: sliding-window crops resized, blur and person filters.")
 )
 curate_app.command("faces")(
-    _curate_command("faces", "Close-up faces (CelebA-HQ / FFHQ layouts): detected, square-cropped with margin.")
+    _curate_command(
+        "faces",
+        "Close-up faces: detected and square-cropped with a margin; aligned datasets (CelebA-HQ, FFHQ): "
+        "--set aligned=true resizes them as they are.",
+    )
 )
 curate_app.command("hands")(
     _curate_command("hands", "Close-up hands (11k Hands layout, or a hand detector model): square crops.")

@@ -1,8 +1,16 @@
-"""Captions: cleanup of captioner boilerplate, truncation to the CLIP limit, a captioner plug-in, CLIP score.
+"""Captions: cleanup of captioner boilerplate and truncation to the CLIP limit.
 
 The paper captions with LLaVA, then removes text patterns such as "The image features ...", "showcasing
 ...", "creating ...", "demonstrating ...", keeps captions within the 77 tokens of SD's CLIP text encoder,
-and drops image–text pairs with low CLIP scores (§2.2).
+and drops image–text pairs with low CLIP scores (§2.2). The captioner and the CLIP-score filter live in
+:mod:`mole.data.captioner`.
+
+Cleaning here is deliberately narrower than the paper's word list: "creating", "giving" or "adding" are
+boilerplate in ", creating a serene atmosphere" but content in "a child creating a sand castle" or "a woman
+giving a presentation", and a caption that lost its action teaches the model less than one that kept a
+mood clause. So a trailing clause is removed only when it follows a comma AND is about the picture or its
+mood (or uses an interpretive verb such as "showcasing"); openings are removed only when they name the
+picture itself ("The image features", "In this photo, we can see", BLIP's "there is" / "arafed").
 """
 
 from __future__ import annotations
@@ -11,36 +19,99 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
 
 logger = logging.getLogger(__name__)
 
 CLIP_MAX_TOKENS = 77  # including the start and end tokens
 
-# Openings a captioner adds before the content ("The image features a man ..." -> "a man ...").
-_OPENINGS = re.compile(
-    r"^\s*(?:in\s+)?(?:this|the)\s+(?:image|picture|photo(?:graph)?|scene)\s+"
-    r"(?:features|shows|depicts|showcases|displays|presents|captures|contains|is of|portrays)\s+(?:that\s+)?",
+_PICTURE = r"(?:image|picture|photo(?:graph)?|scene|shot|snapshot|frame|illustration|painting|artwork)"
+_SHOW_VERBS = (
+    r"(?:features|shows|depicts|showcases|displays|presents|captures|contains|portrays|illustrates|highlights|"
+    r"reveals|consists of|is of|is showing|is depicting|is featuring|appears to show|appears to be of)"
+)
+# Openings a captioner puts before the content, tried in order, repeatedly ("The image features a man ...").
+_OPENINGS = [
+    re.compile(p, re.IGNORECASE)
+    for p in (
+        r"^(?:caption|description|assistant|answer)\s*:\s*",
+        rf"^(?:in|on)\s+(?:this|the)\s+(?:{_PICTURE})\s*,?\s*(?:(?:we|you)\s+can\s+see|there\s+(?:is|are)|I\s+see)?\s*",
+        rf"^(?:this|the|an?)\s+(?:{_PICTURE})\s+{_SHOW_VERBS}\s+(?:that\s+)?",
+        rf"^(?:this|the)\s+(?:{_PICTURE})\s+is\s+(?=(?:an?|the)\s)",
+        rf"^this\s+is\s+(?:an?|the)\s+(?:{_PICTURE})\s+(?:of|showing|that shows|featuring)\s+",
+        r"^(?:a\s+)?moment\s+(?:where|when|in which)\s+",
+        r"^(?:there\s+(?:is|are)|we\s+can\s+see|you\s+can\s+see|I\s+see|I\s+can\s+see)\s+(?=\S)",
+    )
+]
+# BLIP's LAION artefact ("arafed woman", "araffe man"): the word is noise, the noun after it is content.
+_ARAFED = re.compile(r"\b(an?\s+)?ara+f+\w*\b\s*", re.IGNORECASE)
+# Words that make a trailing clause about the picture or its mood rather than about what is in it.
+_MOOD = re.compile(
+    r"\b(?:atmosphere|ambian[ct]e|mood|feel(?:ing)?|sense|vibe|touch|aesthetic|appeal|charm|visual(?:ly)?|"
+    r"interest|composition|overall|viewer|image|picture|photo(?:graph)?|scene|setting|environment|backdrop|"
+    r"serene|tranquil|peaceful|cozy|inviting|lively|vibrant|dynamic|captivating|striking|harmonious|"
+    r"warmth|elegance|sophistication|beauty|depth|contrast|focal point)\b",
     re.IGNORECASE,
 )
-# Trailing clauses that add mood, not content (", creating a serene atmosphere.").
-_TRAILING = re.compile(
-    r",?\s*(?:showcasing|creating|demonstrating|highlighting|adding|giving|evoking|suggesting|emphasizing)\b[^.]*",
+# Interpretive verbs: after a comma they say what the picture means, not what is in it.
+_INTERPRETIVE = (
+    r"showcasing|highlighting|emphasi[sz]ing|suggesting|indicating|hinting|conveying|reflecting|evoking|exuding|"
+    r"symboli[sz]ing|signifying|accentuating|enhancing|contributing|underscoring|embodying|radiating"
+)
+# Verbs that may be either: ", creating a serene atmosphere" (mood) vs ", creating a sand castle" (content).
+_AMBIGUOUS = r"creating|adding|giving|making|demonstrating|capturing|bringing|providing|offering|setting|lending"
+_CLAUSE = re.compile(rf",\s*(?:which|that|and)?\s*(?P<verb>{_INTERPRETIVE}|{_AMBIGUOUS}|adds|creates|gives|makes)\b"
+                     r"(?P<rest>[^,.;]*)", re.IGNORECASE)  # fmt: skip
+# Whole sentences of mood or commentary after the first ("The overall atmosphere is calm.").
+_MOOD_SENTENCE = re.compile(
+    rf"^(?:overall\b|the\s+overall\b|the\s+(?:atmosphere|mood|ambiance|vibe)\b|"
+    rf"(?:this|the)\s+(?:{_PICTURE})\s+(?:conveys|evokes|creates|captures\s+the\s+(?:essence|spirit|beauty)|"
+    rf"gives|exudes|is\s+(?:a\s+)?(?:beautiful|great|perfect|stunning|wonderful))|it\s+(?:is|appears\s+to\s+be)\s+an?\s+"
+    rf"(?:serene|peaceful|beautiful|lovely|pleasant|candid)\b)",
     re.IGNORECASE,
 )
+# First words that are only capitalised because they open the sentence (a name keeps its capital).
+_LOWER_FIRST = {
+    "a", "an", "the", "two", "three", "four", "five", "six", "several", "some", "many", "one", "this", "these",
+    "close-up", "closeup", "portrait", "group", "people", "man", "woman", "person", "girl", "boy", "child",
+}  # fmt: skip
+
+
+def _strip_clauses(sentence: str) -> str:
+    def replace(m: re.Match[str]) -> str:
+        verb = m.group("verb").lower()
+        interpretive = re.fullmatch(_INTERPRETIVE, verb) is not None
+        return "" if interpretive or _MOOD.search(m.group("rest")) else m.group(0)
+
+    return _CLAUSE.sub(replace, sentence)
 
 
 def clean_caption(text: str) -> str:
-    """Strip captioner boilerplate, keep the first sentence's content, normalise whitespace.
+    """Strip captioner boilerplate and never content; normalise whitespace; keep names' case.
 
     >>> clean_caption("The image features a man in a black jacket, showcasing his style.")
     'a man in a black jacket'
+    >>> clean_caption("A woman giving a presentation to a crowd")
+    'a woman giving a presentation to a crowd'
     """
-    text = " ".join(text.replace("\n", " ").split())
-    text = _OPENINGS.sub("", text)
-    text = _TRAILING.sub("", text)
-    text = text.strip().rstrip(".").strip(" ,;:")
-    if text[:2].lower() in ("a ", "an") and text[:1].isupper():
+    text = " ".join(text.replace("\n", " ").split()).strip().strip("\"'“”‘’` ")
+    text = _ARAFED.sub(lambda m: "a " if m.group(1) or m.start() == 0 else "", text)
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text) if s.strip()]
+    kept: list[str] = []
+    for k, sentence in enumerate(sentences):
+        if k and _MOOD_SENTENCE.match(sentence):
+            continue
+        if k == 0:
+            before = None
+            while before != sentence:
+                before = sentence
+                for pattern in _OPENINGS:
+                    sentence = pattern.sub("", sentence, count=1)
+        sentence = _strip_clauses(sentence).strip().rstrip(".!").strip(" ,;:")
+        if sentence:
+            kept.append(sentence)
+    text = ". ".join(kept)
+    first = text.split(" ", 1)[0]
+    if first.lower() in _LOWER_FIRST and (len(first) == 1 or not first.isupper()):
         text = text[0].lower() + text[1:]
     return text
 
@@ -87,51 +158,3 @@ class CaptionTruncator:
             else:
                 hi = mid - 1
         return " ".join(words[:lo]).rstrip(" ,;:"), True
-
-
-class Captioner:
-    """A transformers image-to-text model from a LOCAL path (BLIP, BLIP-2, LLaVA-style), never downloaded."""
-
-    def __init__(self, model_path: str | os.PathLike[str], prompt: str | None = None, max_new_tokens: int = 60):
-        from transformers import pipeline
-
-        path = Path(model_path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"captioner model not found: {path} has no config.json")
-        self.pipe = pipeline("image-to-text", model=str(path))
-        self.prompt = prompt
-        self.max_new_tokens = max_new_tokens
-
-    def __call__(self, image: Any) -> str:
-        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens}
-        if self.prompt:
-            kwargs["prompt"] = self.prompt
-        out = self.pipe(image, **kwargs)
-        return str(out[0]["generated_text"]).strip()
-
-
-class ClipScorer:
-    """CLIP score (100 × cosine of image and text embeddings) with a CLIP model from a LOCAL path."""
-
-    def __init__(self, model_path: str | os.PathLike[str], device: str | None = None):
-        import torch
-        from transformers import CLIPModel, CLIPProcessor
-
-        path = Path(model_path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"CLIP model not found: {path} has no config.json")
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = CLIPModel.from_pretrained(path).to(self.device).eval()
-        self.processor = CLIPProcessor.from_pretrained(path)
-
-    def __call__(self, images: list[Any], texts: list[str]) -> list[float]:
-        import torch
-
-        inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True, truncation=True)
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        with torch.no_grad():
-            img = self.model.get_image_features(pixel_values=inputs["pixel_values"])
-            txt = self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        img = img / img.norm(dim=-1, keepdim=True)
-        txt = txt / txt.norm(dim=-1, keepdim=True)
-        return (100.0 * (img * txt).sum(-1)).clamp(min=0).tolist()

@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,9 +81,18 @@ class CurateConfig(BaseModel):
     default_caption: str | None = None
     """Caption for inputs with no sidecar caption and no captioner; null rejects them ("no caption")."""
     captioner: str | None = None
-    """A local transformers image-to-text model (BLIP, LLaVA...) for inputs without a sidecar caption."""
+    """A local transformers image-text-to-text model folder (BLIP, BLIP-2, LLaVA...). Scenes: every kept
+    window is captioned on its own (the photo's sidecar caption is the fallback); faces/hands: inputs
+    without a sidecar caption are captioned."""
     captioner_prompt: str | None = None
-    """Prompt for chat-style captioners (the paper: "Describe this image in one sentence with details.")."""
+    """Prompt for the captioner; chat models default to the paper's "Describe this image in one sentence
+    with details.", plain captioners (BLIP) continue it as a prefix."""
+    captioner_batch_size: int = Field(8, ge=1)
+    """Crops per captioner ``generate`` call; with a captioner, this many inputs are also processed together,
+    so that close-ups (one crop per input) fill the batch."""
+    aligned: bool = False
+    """Faces: inputs are already aligned close-ups (CelebA-HQ, FFHQ): no detection, the image is resized as it
+    is (a non-square one centre-cropped), as the paper uses these datasets."""
     tokenizer: str | None = None
     """A CLIP tokenizer folder for exact 77-token truncation (default: mole's conservative BPE)."""
     clip_model: str | None = None
@@ -125,7 +134,7 @@ class _Worker:
         self.truncate = CaptionTruncator(cfg.tokenizer)
         self.clean = clean_caption
         self.face = self.hand = self.captioner = self.clip = None
-        if kind == "faces":
+        if kind == "faces" and not cfg.aligned:
             from mole.data.filters import FaceDetector
 
             self.face = FaceDetector()
@@ -134,11 +143,11 @@ class _Worker:
 
             self.hand = HandDetector(cfg.hand_model)
         if cfg.captioner:
-            from mole.data.captions import Captioner
+            from mole.data.captioner import Captioner
 
-            self.captioner = Captioner(cfg.captioner, cfg.captioner_prompt)
+            self.captioner = Captioner(cfg.captioner, cfg.captioner_prompt, batch_size=cfg.captioner_batch_size)
         if cfg.clip_model:
-            from mole.data.captions import ClipScorer
+            from mole.data.captioner import ClipScorer
 
             self.clip = ClipScorer(cfg.clip_model)
 
@@ -150,6 +159,8 @@ class _Worker:
         if self.kind == "scenes":
             boxes = sliding_windows(image.width, image.height, self.cfg.window, self.cfg.stride)
             return [(crop_resize(image, b, size), {"box": list(b)}) for b in boxes]
+        if self.kind == "faces" and self.cfg.aligned:
+            record["aligned"] = True  # an aligned close-up: resized as it is (the centred square if not square)
         detector = self.face if self.kind == "faces" else self.hand
         if detector is not None:
             found = detector.detect(image)
@@ -167,15 +178,66 @@ class _Worker:
         box = (left, top, left + side, top + side)
         return [(crop_resize(image, box, size), {"box": list(box), "center_crop": True})]
 
-    def caption(self, path: Path, image) -> tuple[str | None, str]:
-        text = sidecar_caption(path)
-        if text is not None:
-            return text, "sidecar"
-        if self.captioner is not None:
-            return self.captioner(image), "captioner"
-        return self.cfg.default_caption, "default"
+    def _finish_caption(self, text: str | None) -> tuple[str, bool] | None:
+        """Cleaned and truncated caption, or None when nothing is left."""
+        cleaned = self.clean(text) if text else ""
+        return self.truncate(cleaned) if cleaned else None
+
+    def captions(
+        self, path: Path, crops: list[Any], record: dict[str, Any], generated: list[str] | Exception | None
+    ) -> list[tuple[str, str, bool] | str]:
+        """One ``(caption, source, truncated)`` per crop, or the reason it has none (see :func:`caption_crops`);
+        ``generated`` is what the captioner said for these crops in the batch call (or how it failed)."""
+        from mole.data.captioner import Precomputed, caption_crops
+
+        out, error = caption_crops(
+            crops, captioner=Precomputed(generated) if generated is not None else None, finish=self._finish_caption,
+            sidecar=sidecar_caption(path), default=self.cfg.default_caption, every_crop=self.kind == "scenes",
+            label=path.name,
+        )  # fmt: skip
+        if error:
+            record["captioner_error"] = error
+        return out
+
+    def _wants_captions(self, path: Path, crops: list[Any]) -> bool:
+        return self.captioner is not None and bool(crops) and (self.kind == "scenes" or sidecar_caption(path) is None)
+
+    def batch(self, tasks: list[tuple[int, str]]) -> list[InputResult]:
+        """Process inputs together so that the captioner sees the crops of all of them in one call (batches of
+        ``captioner_batch_size``: one close-up per input would otherwise mean one image per ``generate``)."""
+        results: list[InputResult | None] = [None] * len(tasks)
+        pending = []
+        for i, task in enumerate(tasks):
+            steps = self._process(task)
+            try:
+                pending.append((i, steps, next(steps)))  # runs up to the captioner: the crops it wants captioned
+            except StopIteration as stop:
+                results[i] = stop.value
+        if pending:
+            flat = [crop for _, _, crops in pending for crop in crops]
+            try:
+                said: list[str] | Exception = list(self.captioner.caption(flat)) if self.captioner else []
+            except Exception as err:  # every input of the batch falls back, and the manifest says why
+                said = err
+            start = 0
+            for i, steps, crops in pending:
+                answer = said if isinstance(said, Exception) else said[start : start + len(crops)]
+                start += len(crops)
+                try:
+                    steps.send(answer)
+                    raise RuntimeError("curation step did not finish after its captions")
+                except StopIteration as stop:
+                    results[i] = stop.value
+        return [r for r in results if r is not None]
 
     def __call__(self, task: tuple[int, str]) -> InputResult:
+        return self.batch([task])[0]
+
+    def _process(self, task: tuple[int, str]) -> Generator[list[Any], list[str] | Exception, InputResult]:
+        """One input, as a generator: it yields the crops to caption (only when the captioner is wanted), is sent
+        the captions (or the captioner's exception), and returns the input's result."""
+        from mole.data.filters import run_filters
+
         index, source = task
         path = self.root / source
         record: dict[str, Any] = {"source": source, "status": "rejected", "reason": None, "samples": 0}
@@ -187,36 +249,58 @@ class _Worker:
             record["width"], record["height"] = image.size
             h = phash(image)
             record["phash"] = f"{h:016x}"
-            text, origin = self.caption(path, image)
-            if text is None:
+            if self.captioner is None and self.cfg.default_caption is None and sidecar_caption(path) is None:
                 raise Rejected("no caption (no sidecar, no captioner, no default_caption)")
-            cleaned = self.clean(text)
-            if not cleaned:
-                raise Rejected("empty caption after cleanup")
-            caption, truncated = self.truncate(cleaned)
-            record.update(caption=caption, caption_source=origin, caption_truncated=truncated)
             attrs = self.attributes.lookup(path, self.root)
             result = InputResult(record, hash=h)
             crop_reasons: Counter[str] = Counter()
-            scores_per_crop = []
             candidates = self.crops(image, record)
-            clip_scores = self.clip([c for c, _ in candidates], [caption] * len(candidates)) if self.clip else None
-            for k, (crop, geometry) in enumerate(candidates):
-                from mole.data.filters import run_filters
-
+            scores_per_crop: list[dict[str, float]] = []
+            passed_crops: list[int] = []
+            for k, (crop, _) in enumerate(candidates):  # cheap filters first: only survivors are captioned
                 passed, scores, reason = run_filters(self.filters, crop)
-                if clip_scores is not None:
-                    scores["clip"] = clip_scores[k]
-                    if passed and clip_scores[k] < self.cfg.min_clip_score:
-                        passed, reason = False, f"clip score {clip_scores[k]:.1f} < {self.cfg.min_clip_score}"
                 scores_per_crop.append(scores)
-                if not passed:
+                if passed:
+                    passed_crops.append(k)
+                else:
                     crop_reasons[(reason or "filtered").split(" (")[0]] += 1
-                    continue
+            to_caption = [candidates[k][0] for k in passed_crops]
+            generated = (yield to_caption) if self._wants_captions(path, to_caption) else None
+            captions = self.captions(path, to_caption, record, generated)
+            captioned = []
+            for k, cap in zip(passed_crops, captions, strict=True):
+                if isinstance(cap, str):
+                    crop_reasons[cap.split(" (")[0]] += 1
+                    scores_per_crop[k]["no_caption"] = 1.0
+                    record.setdefault("caption_errors", []).append({"crop": k, "reason": cap})
+                else:
+                    captioned.append((k, cap))
+            clip_scores = (
+                self.clip([candidates[k][0] for k, _ in captioned], [c[0] for _, c in captioned])
+                if self.clip is not None and captioned
+                else None
+            )
+            crop_captions = []
+            for j, (k, (caption, origin, truncated)) in enumerate(captioned):
+                crop, geometry = candidates[k]
+                scores = scores_per_crop[k]
+                crop_captions.append({"crop": k, "caption": caption, "caption_source": origin,
+                                      "caption_truncated": truncated})  # fmt: skip
+                if clip_scores is not None:
+                    scores["clip"] = clip_scores[j]
+                    if clip_scores[j] < self.cfg.min_clip_score:
+                        crop_reasons[f"clip score < {self.cfg.min_clip_score:g}"] += 1
+                        continue
                 key = f"{index:08d}_{k:03d}"
                 meta = {"source": source, "crop": k, **geometry, "scores": scores, "attributes": attrs,
-                        "license": record["license"]}  # fmt: skip
+                        "license": record["license"], "caption_source": origin}  # fmt: skip
                 result.samples.append((crop, caption, meta, key))
+            if crop_captions:  # the photo's caption line: the first crop's (all of them below)
+                first = crop_captions[0]
+                record.update(caption=first["caption"], caption_source=first["caption_source"],
+                              caption_truncated=first["caption_truncated"])  # fmt: skip
+            if len(candidates) > 1 or self.captioner is not None:
+                record["crop_captions"] = crop_captions
             record["scores"] = scores_per_crop
             record["crops"] = len(candidates)
             record["crops_rejected"] = dict(crop_reasons)
@@ -236,19 +320,26 @@ class _Worker:
 
 
 _WORKER: _Worker | None = None
+_INIT_ERROR: Exception | None = None
 
 
 def _init_worker(*args: Any) -> None:
-    global _WORKER
+    global _WORKER, _INIT_ERROR
     import torch
 
     torch.set_num_threads(1)  # one core per worker process
-    _WORKER = _Worker(*args)
+    try:
+        _WORKER = _Worker(*args)
+    except Exception as err:  # raised from _run: a failing initializer would make the pool respawn it forever
+        _INIT_ERROR = err
 
 
-def _run(task: tuple[int, str]) -> InputResult:
-    assert _WORKER is not None
-    return _WORKER(task)
+def _run(tasks: list[tuple[int, str]]) -> list[InputResult]:
+    if _INIT_ERROR is not None:
+        raise _INIT_ERROR  # e.g. a captioner folder that is not a captioner: the whole curation stops, clearly
+    if _WORKER is None:
+        raise RuntimeError("curation worker was not initialised")
+    return _WORKER.batch(tasks)
 
 
 def _chunk_dir(output: Path, chunk: int) -> Path:
@@ -259,16 +350,19 @@ def _chunk_done(output: Path, chunk: int) -> bool:
     return (_chunk_dir(output, chunk) / "manifest.jsonl").is_file()
 
 
-def _results(kind: Kind, cfg: CurateConfig, root: Path, tasks: list[tuple[int, str]], workers: int, init: tuple):
+def _results(groups: list[list[tuple[int, str]]], workers: int, init: tuple) -> Iterator[InputResult]:
+    """Results in input order; each group of inputs is processed together (captioned in one call)."""
     if workers <= 1:
         worker = _Worker(*init)
-        yield from (worker(t) for t in tasks)
+        for group in groups:
+            yield from worker.batch(group)
         return
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")  # no fork after torch and OpenCV threads exist
     with ctx.Pool(workers, initializer=_init_worker, initargs=init) as pool:
-        yield from pool.imap(_run, tasks, chunksize=4)
+        for results in pool.imap(_run, groups, chunksize=1 if len(groups[0] if groups else []) > 1 else 4):
+            yield from results
 
 
 def curate(
@@ -323,8 +417,9 @@ def curate(
                 if rec["status"] == "kept" and rec.get("phash"):
                     dedup.check(int(rec["phash"], 16), rec["source"])
     bar.update(sum(len(t) for c, t in chunks if c in done_chunks))
-    flat = [t for _, tasks in todo for t in tasks]
-    results = _results(kind, cfg, root, flat, workers, init)
+    size = cfg.captioner_batch_size if cfg.captioner else 1  # groups stay within a chunk: resumes see the same
+    groups = [tasks[i : i + size] for _, tasks in todo for i in range(0, len(tasks), size)]
+    results = _results(groups, workers, init)
     for c, tasks in todo:
         _write_chunk(out, c, kind, cfg, (next(results) for _ in tasks), dedup, bar)
     bar.close()

@@ -2,9 +2,10 @@
 
 The paper trains VGG19 classifiers to drop blurry crops and crops with "little person / all background";
 mole ships classical defaults that need no download (Laplacian-variance blur, OpenCV's bundled Haar face
-cascade and HOG people detector), a trainable quality classifier (:mod:`mole.data.quality`) and a plug-in
-for a user's own ONNX hand detector. Every filter has the same shape (:class:`ImageFilter`), so a config
-dict picks and tunes them (:func:`build_filters`) and the manifest records each one's score by name.
+cascade; the HOG + face person filter in :mod:`mole.data.person`), a trainable quality classifier
+(:mod:`mole.data.quality`) and a plug-in for a user's own ONNX hand detector. Every filter has the same
+shape (:class:`ImageFilter`), so a config dict picks and tunes them (:func:`build_filters`) and the
+manifest records each one's score by name.
 """
 
 from __future__ import annotations
@@ -237,79 +238,6 @@ class FaceFilter:
         return FilterResult(True, float(count))
 
 
-# -------------------------------------------------------------------------------------------------- person
-
-
-class PersonFilter:
-    """Rejects "little person / all background" crops (the paper's second classifier), without training.
-
-    A person is a box from OpenCV's bundled HOG people detector (full standing bodies, at least 64×128 px
-    at ``work_side``) or a face from :class:`FaceDetector` (close-ups and half-bodies, which HOG misses).
-    The score is the largest fraction of the image covered by one such box; below ``min_area_fraction`` the
-    crop is rejected. HOG also fires on some upright textures (with weights ~0.5-1.1 on skimage's helmet,
-    rocket and page images), so it is a recall aid, not proof; for stricter curation train a
-    :class:`~mole.data.quality.QualityFilter` on your own person/background examples.
-
-    Args:
-        min_area_fraction: Smallest accepted person box, as a fraction of the image area (0.02: a face of
-            ~72 px in a 512² crop, or a standing body ~100 px tall).
-        use_hog: Also look for full bodies (HOG, ~0.1 s per 512² image); faces only when False.
-        hog_min_weight: HOG detections with a lower SVM weight are ignored.
-        work_side: Short side the image is resized to before detection.
-        scale_factor, min_neighbors, min_size, cascade: Passed to :class:`FaceDetector`.
-    """
-
-    name = "person"
-
-    def __init__(
-        self,
-        min_area_fraction: float = 0.02,
-        *,
-        use_hog: bool = True,
-        hog_min_weight: float = 0.5,
-        work_side: int = REFERENCE_SIDE,
-        scale_factor: float = 1.1,
-        min_neighbors: int = 5,
-        min_size: int = 24,
-        cascade: str | os.PathLike[str] | None = None,
-    ) -> None:
-        if not 0 <= min_area_fraction <= 1:
-            raise ValueError(f"min_area_fraction must be in [0, 1], got {min_area_fraction}")
-        self.min_area_fraction = float(min_area_fraction)
-        self.use_hog, self.hog_min_weight, self.work_side = use_hog, float(hog_min_weight), int(work_side)
-        # The face detector runs on our working image, already at work_side.
-        self.faces = FaceDetector(
-            cascade, scale_factor=scale_factor, min_neighbors=min_neighbors, min_size=min_size, work_side=None
-        )
-        self.hog = cv2.HOGDescriptor()
-        self.hog.setSVMDetector(cv2.HOGDescriptor_getDefaultPeopleDetector())
-
-    def detect(self, image: Image.Image) -> list[Box]:
-        """People (HOG boxes, then faces) in ``image``'s pixel coordinates."""
-        work, factor = _resize_short_side(_rgb_array(image), self.work_side)
-        found = []
-        if self.use_hog:
-            rects, weights = self.hog.detectMultiScale(work, winStride=(8, 8), padding=(8, 8), scale=1.05)
-            for (x, y, w, h), s in zip(np.reshape(rects, (-1, 4)).tolist(), np.ravel(weights).tolist(), strict=True):
-                if s >= self.hog_min_weight:
-                    found.append(Box(x / factor, y / factor, (x + w) / factor, (y + h) / factor, float(s)))
-        for b in self.faces.detect_array(work):
-            found.append(Box(b.x0 / factor, b.y0 / factor, b.x1 / factor, b.y1 / factor, b.score))
-        return found
-
-    def __call__(self, image: Image.Image) -> FilterResult:
-        found = self.detect(image)
-        if not found:
-            return FilterResult(False, 0.0, "no person")
-        w, h = image.size
-        clipped = (Box(max(0, b.x0), max(0, b.y0), min(w, b.x1), min(h, b.y1)).area for b in found)
-        score = max(clipped) / (w * h)
-        if score < self.min_area_fraction:
-            reason = f"person too small (area {score:.1%} < {self.min_area_fraction * 100:g}%)"
-            return FilterResult(False, score, reason)
-        return FilterResult(True, score)
-
-
 # --------------------------------------------------------------------------------------------------- hands
 
 
@@ -460,6 +388,12 @@ def square_crop_around(
 # ----------------------------------------------------------------------------------------------- registry
 
 
+def _person_filter() -> type[ImageFilter]:
+    from mole.data.person import PersonFilter  # its own module: detectors and the body-from-face estimate
+
+    return PersonFilter
+
+
 def _quality_filter() -> type[ImageFilter]:
     from mole.data.quality import QualityFilter  # torch is only imported when this filter is asked for
 
@@ -470,7 +404,7 @@ def _quality_filter() -> type[ImageFilter]:
 FILTERS: dict[str, Callable[[], type[ImageFilter]]] = {
     "blur": lambda: BlurFilter,
     "face": lambda: FaceFilter,
-    "person": lambda: PersonFilter,
+    "person": _person_filter,
     "quality": _quality_filter,
 }
 

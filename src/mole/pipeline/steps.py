@@ -160,10 +160,11 @@ def train(
         subprocess.run(cmd, check=True)
     else:
         from mole.train import load_config, train_stage
+        from mole.train.config import parse_data
 
         train_stage(
-            stage, load_config(_resolve_config(config), {}), output=out, data=data, base=base_model or None,
-            max_steps=max_steps or None, resume="latest", expert_name=expert or None,
+            stage, load_config(_resolve_config(config), {}), output=out, data=parse_data(data),
+            base=base_model or None, max_steps=max_steps or None, resume="latest", expert_name=expert or None,
             experts=dict(e.split("=", 1) for e in experts) if experts else None, gate=gate or None,
             condition=condition or None,
         )  # fmt: skip

@@ -32,7 +32,7 @@ def train_stage(
     config: MoleConfig,
     *,
     output: str | os.PathLike[str] | None = None,
-    data: str | None = None,
+    data: str | dict[str, str] | None = None,
     base: str | None = None,
     max_steps: int | None = None,
     resume: str | None = None,
@@ -47,7 +47,7 @@ def train_stage(
         stage: ``stage1``, ``expert`` or ``gates``.
         config: The recipe (see :func:`mole.train.config.load_config`).
         output: Folder for the result, checkpoints, metrics and validation images.
-        data: Dataset folder or ``s3://`` URI.
+        data: Dataset folder or ``s3://`` URI, or several by name (a mixture, see ``data_weights``).
         base: Model to start from (stage 1 fine-tunes it; experts and gates build on it).
         max_steps: Optimizer steps.
         resume: ``latest`` or a checkpoint path.
@@ -91,8 +91,15 @@ def train_stage(
     if cfg.output is None:
         raise ConfigError(f"{stage}: no output folder (give --output or set output in the config)")
     out = Path(cfg.output)
-    local_data = localize(cfg.data, out / ".data-cache")
-    index = read_index(local_data)  # a missing or empty dataset fails here, before any model is loaded
+    sources = cfg.data if isinstance(cfg.data, dict) else {"data": cfg.data}
+    if not sources:
+        raise ConfigError(f"{stage}: data is an empty mapping; name at least one dataset")
+    cache = out / ".data-cache"
+    local = {n: localize(u, cache / n if len(sources) > 1 else cache) for n, u in sources.items()}
+    indexes = {n: read_index(p) for n, p in local.items()}  # a missing or empty dataset fails here, before any model
+    local_data: str | dict[str, str] = (
+        {n: str(p) for n, p in local.items()} if isinstance(cfg.data, dict) else str(local["data"])
+    )
     base_model = base or config.model.base
     stage_experts = getattr(cfg, "experts", None)
     main = int(os.environ.get("RANK", "0")) == 0
@@ -113,15 +120,15 @@ def train_stage(
         torch.manual_seed(cfg.seed)  # the LoRA init draws random numbers: the seed must cover it too
         spec = build_stage(stage, cfg, config.model, base_model, expert_name=expert_name, experts=stage_experts)
         params = {"stage": stage, "base": upstream["base"], "model": config.model.model_dump(),
-                  stage: cfg.model_dump()}  # fmt: skip
+                  stage: cfg.model_dump(), "data_digests": {n: i.digest for n, i in indexes.items()}}  # fmt: skip
         if base_model != upstream["base"]:  # fetched from the registry: where its copy is
             params["base_local"] = base_model
         metrics = None
         if run is not None:
-            _record_lineage(run, index, str(cfg.data), upstream)
+            _record_lineage(run, indexes, sources, upstream)
             metrics = TeeLogger(JsonlLogger(out), run)
         result = run_training(
-            spec, cfg, str(local_data), out, resolution=config.model.resolution, resume=resume, params=params,
+            spec, cfg, local_data, out, resolution=config.model.resolution, resume=resume, params=params,
             metrics=metrics,
         )  # fmt: skip
         if run is not None and result.result is not None:
@@ -129,13 +136,17 @@ def train_stage(
     return result
 
 
-def _record_lineage(run, index, data_uri: str, upstream: dict[str, str]) -> None:
-    """The dataset (and the run that curated it) and the upstream models, given as the user gave them: a
-    registry URI names its source run; a local folder its stage's result.json."""
-    run.log_dataset(data_uri, index.name, index.digest)
-    curate_run = (index.meta or {}).get("mlflow_run_id")
-    if curate_run:
-        run.log_upstream("curate", curate_run)
+def _record_lineage(run, indexes: dict, sources: dict[str, str], upstream: dict[str, str]) -> None:
+    """Every dataset (and the run that curated it) and the upstream models, given as the user gave them: a
+    registry URI names its source run; a local folder its stage's result.json. One unnamed dataset keeps the
+    single-source names (context ``training``, upstream ``curate``); named ones get ``training.<name>`` and
+    ``curate.<name>``, so a mixture records each source's digest."""
+    for name, index in indexes.items():
+        single = name == "data" and len(indexes) == 1
+        run.log_dataset(sources[name], index.name, index.digest, context="training" if single else f"training.{name}")
+        curate_run = (index.meta or {}).get("mlflow_run_id")
+        if curate_run:
+            run.log_upstream("curate" if single else f"curate.{name}", curate_run)
     for name, uri in upstream.items():
         info = tracking.source_of(uri)
         run.log_upstream(name, info.get("mlflow_run_id"), info.get("model_id"))

@@ -14,6 +14,7 @@ config fails before any training starts instead of being silently ignored.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,8 +66,13 @@ class OptimizerConfig(_Strict):
 class TrainConfig(_Strict):
     """Settings shared by every stage: the one loop reads only these."""
 
-    data: str | None = None
-    """Dataset folder or s3:// URI in the mole-shards format (docs/data-format.md)."""
+    data: str | dict[str, str] | None = None
+    """Dataset folder or s3:// URI in the mole-shards format (docs/data-format.md), or several by name
+    (``{scenes: ..., faces: ..., hands: ...}``: the paper's human-centric dataset for stage 1 and the gates)."""
+    data_weights: dict[str, float] = {}
+    """Sampling weight of each named ``data`` source (e.g. ``{scenes: 0.6, faces: 0.2, hands: 0.2}``; they need
+    not sum to 1). Empty: every sample equally likely, i.e. sources in proportion to their size (the paper
+    trains on its dataset as a whole). A source left out of a non-empty mapping is not drawn."""
     output: str | None = None
     """Where the stage writes its result and checkpoints (overridden by ``--output``)."""
     max_steps: int = Field(1000, ge=1)
@@ -118,6 +124,18 @@ class TrainConfig(_Strict):
     num_workers: int = Field(0, ge=0)
     """DataLoader worker processes."""
 
+    @model_validator(mode="after")
+    def _weights_name_sources(self) -> TrainConfig:
+        if any(w < 0 for w in self.data_weights.values()) or (
+            self.data_weights and sum(self.data_weights.values()) <= 0
+        ):
+            raise ValueError(f"data_weights must be >= 0 with a positive sum, got {self.data_weights}")
+        if self.data_weights and isinstance(self.data, dict):
+            unknown = sorted(set(self.data_weights) - set(self.data))
+            if unknown:
+                raise ValueError(f"data_weights names {unknown}, which are not data sources ({sorted(self.data)})")
+        return self
+
 
 class Stage1Config(TrainConfig):
     train_text_encoder: bool = True
@@ -129,7 +147,7 @@ class ExpertConfig(TrainConfig):
     """LoRA rank r."""
     alpha: float = Field(64.0, gt=0)
     """LoRA alpha α; the expert's scale is α/r."""
-    target_modules: list[str] = [
+    target_modules: list[str] | Literal["all-linear"] = [
         "to_q",
         "to_k",
         "to_v",
@@ -139,7 +157,9 @@ class ExpertConfig(TrainConfig):
         "ff.net.0.proj",
         "ff.net.2",
     ]
-    """UNet modules that get a LoRA pair (peft names or suffixes)."""
+    """UNet modules that get a LoRA pair (peft names or suffixes), or ``all-linear``: every ``nn.Linear`` and
+    1×1 ``nn.Conv2d`` of the UNet (the paper's "any linear layers", Fig. 4: time embedding, ResNet time
+    projections and 1×1 shortcuts too). The gates stage mixes every layer the experts have."""
     dropout: float = Field(0.0, ge=0, lt=1)
     """LoRA dropout."""
 
@@ -200,6 +220,45 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
             raise ConfigError(f"override must look like section.key=value, got {item!r}")
         out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
     return out
+
+
+_SOURCE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+
+
+def parse_data(values: list[str] | str | None) -> str | dict[str, str] | None:
+    """``--data`` values → one dataset URI, or named sources for a mixture.
+
+    ``["DIR"]`` → ``"DIR"`` (one dataset, as always); ``["scenes=A", "faces=B"]`` → ``{"scenes": "A", "faces":
+    "B"}``. A value may hold several ``;``-separated entries (``"scenes=A;faces=B"``: how the pipeline passes
+    its data steps in one string). A prefix counts as a name only if it looks like one, so ``s3://b/x=1`` is a
+    plain URI.
+
+    Raises:
+        ConfigError: several unnamed datasets, a mix of named and unnamed ones, a name given twice, or an
+            empty entry.
+    """
+    if values is None:
+        return None
+    entries = [e.strip() for v in ([values] if isinstance(values, str) else values) for e in v.split(";")]
+    if not entries or any(not e for e in entries):
+        raise ConfigError(f"--data: empty dataset entry in {values!r}")
+    named: dict[str, str] = {}
+    plain: list[str] = []
+    for entry in entries:
+        name, sep, uri = entry.partition("=")
+        if sep and _SOURCE_NAME.fullmatch(name.strip()):
+            if not uri.strip():
+                raise ConfigError(f"--data {entry!r}: no dataset after {name.strip()}=")
+            if name.strip() in named:
+                raise ConfigError(f"--data: source {name.strip()!r} is given twice")
+            named[name.strip()] = uri.strip()
+        else:
+            plain.append(entry)
+    if named and plain:
+        raise ConfigError(f"--data: name every source of a mixture (NAME=DIR); unnamed: {plain}")
+    if len(plain) > 1:
+        raise ConfigError(f"--data: several datasets need names (scenes=DIR faces=DIR ...), got {plain}")
+    return named or plain[0]
 
 
 def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> MoleConfig:

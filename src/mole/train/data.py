@@ -12,7 +12,7 @@ import logging
 import os
 import tarfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,13 +90,16 @@ def _sample_rng(seed: int, position: int) -> np.random.Generator:
 class ImageCaptionDataset(Dataset):
     """Map-style dataset of (pixels in [-1, 1], token ids), indexed by ``(sample index, position)``.
 
+    ``path`` is one dataset, or several by name (``{"scenes": ..., "faces": ..., "hands": ...}``: the paper's
+    human-centric dataset of stage 1), concatenated in that order; :class:`MixtureSampler` weighs them.
+
     The position seeds the sample's own augmentation and caption dropout, which makes them independent of
     worker processes and exactly reproducible on resume.
     """
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]],
         tokenizer,
         resolution: int,
         *,
@@ -105,7 +108,15 @@ class ImageCaptionDataset(Dataset):
         caption_dropout: float = 0.0,
         seed: int = 0,
     ) -> None:
-        self.refs, self.rejected = index_samples(path)
+        paths = dict(path) if isinstance(path, Mapping) else {"data": path}
+        self.refs, self.rejected = [], Counter()
+        self.sources: list[tuple[str, int, int]] = []
+        """``(name, first index, count)`` of each source, in order: the mixture's sampler draws by source."""
+        for name, source in paths.items():
+            refs, rejected = index_samples(source)
+            self.sources.append((name, len(self.refs), len(refs)))
+            self.refs += refs
+            self.rejected.update(rejected)
         self.tokenizer = tokenizer
         self.resolution = resolution
         self.center_crop = center_crop
@@ -201,6 +212,76 @@ class ResumableSampler(Sampler[tuple[int, int]]):
             position += self.world_size
 
     def __len__(self) -> int:  # endless; DataLoader needs a number only for its own bookkeeping
+        return 2**62
+
+
+class MixtureSampler(Sampler[tuple[int, int]]):
+    """Endless stream over several sources with fixed sampling weights, a pure function of (seed, position).
+
+    Positions are cut into blocks of ``block`` draws; each block holds exactly each source's share of the
+    draws (largest remainder), in a seeded random order, so the weights hold exactly over every block rather
+    than on average. The k-th draw of a source is the k-th entry of that source's own epoch-by-epoch
+    permutation (as :class:`ResumableSampler`), so a source is never repeated within one of its epochs, a small
+    source weighted up is cycled, and resuming at any position continues exactly. Yields ``(index, position)``
+    with indices into the concatenation of the sources.
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        weights: Sequence[float],
+        seed: int,
+        start: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        block: int = 1000,
+    ) -> None:
+        if len(sizes) != len(weights) or not sizes:
+            raise ValueError(f"need one weight per source, got {len(weights)} for {len(sizes)}")
+        if any(n < 1 for n in sizes) or any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"sizes must be >= 1 and weights >= 0 with a positive sum, got {sizes}, {weights}")
+        share = np.asarray(weights, dtype=np.float64) / float(sum(weights)) * block
+        counts = np.floor(share).astype(int)
+        for i in np.argsort(-(share - counts), kind="stable")[: block - int(counts.sum())]:
+            counts[i] += 1
+        if any(w > 0 and c == 0 for w, c in zip(weights, counts, strict=True)):
+            raise ValueError(f"a weight below 1/{block} of the total gets no draw: {list(weights)}")
+        self.sizes, self.counts, self.block = list(sizes), counts.tolist(), block
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
+        self.seed, self.start, self.rank, self.world_size = seed, start, rank, world_size
+        self._block_cache: tuple[int, list[tuple[int, int]]] = (-1, [])
+        self._perms: dict[int, tuple[int, list[int]]] = {}
+
+    def _entries(self, b: int) -> list[tuple[int, int]]:
+        """Block ``b``: ``(source, rank of this draw among the block's draws of that source)`` per slot."""
+        if self._block_cache[0] != b:
+            order = np.repeat(np.arange(len(self.counts)), self.counts)
+            np.random.default_rng([self.seed, b, 17]).shuffle(order)
+            seen = [0] * len(self.counts)
+            entries = []
+            for src in order.tolist():
+                entries.append((src, seen[src]))
+                seen[src] += 1
+            self._block_cache = (b, entries)
+        return self._block_cache[1]
+
+    def _permutation(self, src: int, epoch: int) -> list[int]:
+        if self._perms.get(src, (-1, []))[0] != epoch:
+            g = torch.Generator().manual_seed((self.seed * 100_003 + epoch) * 31 + src)
+            self._perms[src] = (epoch, torch.randperm(self.sizes[src], generator=g).tolist())
+        return self._perms[src][1]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        position = self.start + self.rank
+        while True:
+            b, slot = divmod(position, self.block)
+            src, r = self._entries(b)[slot]
+            k = b * self.counts[src] + r  # this is the k-th draw of source src
+            n = self.sizes[src]
+            yield self.offsets[src] + self._permutation(src, k // n)[k % n], position
+            position += self.world_size
+
+    def __len__(self) -> int:
         return 2**62
 
 

@@ -20,7 +20,7 @@ import torch
 
 from mole.train import checkpoint as ckpt
 from mole.train.config import OptimizerConfig, TrainConfig
-from mole.train.data import ImageCaptionDataset, ResumableSampler, collate
+from mole.train.data import ImageCaptionDataset, MixtureSampler, ResumableSampler, collate
 from mole.train.metrics import JsonlLogger, MetricsLogger, NullLogger
 from mole.train.model import diffusion_loss, min_snr_weights
 from mole.train.stages import Stage, StageError, write_result
@@ -192,10 +192,21 @@ def _validate(stage: Stage, accelerator, model, cfg: TrainConfig, output: Path, 
         log.log_artifact(path, "validation_image")
 
 
+def _sampler(dataset: ImageCaptionDataset, cfg: TrainConfig, start: int, rank: int, world: int):
+    """Weighted by source when ``data_weights`` names several sources, else every sample equally likely."""
+    if cfg.data_weights and len(dataset.sources) > 1:
+        weights = [float(cfg.data_weights.get(name, 0.0)) for name, _, _ in dataset.sources]
+        logger.info("data mixture: %s", {name: w for (name, _, _), w in zip(dataset.sources, weights, strict=True)})
+        return MixtureSampler([n for _, _, n in dataset.sources], weights, cfg.seed, start, rank, world)
+    if cfg.data_weights:
+        logger.warning("data_weights %s ignored: one dataset, nothing to weigh", cfg.data_weights)
+    return ResumableSampler(len(dataset), cfg.seed, start, rank, world)
+
+
 def run_training(
     stage: Stage,
     cfg: TrainConfig,
-    data: str,
+    data: str | dict[str, str],
     output: Path,
     *,
     resolution: int,
@@ -206,7 +217,7 @@ def run_training(
     """Train ``stage`` for ``cfg.max_steps`` optimizer steps and save its result under ``output``.
 
     Args:
-        data: Local dataset folder (S3 URIs are resolved by the caller).
+        data: Local dataset folder, or several by name (S3 URIs are resolved by the caller).
         resume: ``latest`` (newest complete checkpoint under ``output``, or a fresh start if none) or a path.
         metrics: Where metrics go; default ``output/metrics.jsonl`` on the main process.
         params: The resolved configuration, logged once.
@@ -259,7 +270,7 @@ def run_training(
     resume_from = ckpt.resolve_resume(output, resume)
     start_step = int(ckpt.read_state(resume_from)["step"]) if resume_from is not None else 0
     per_step = cfg.batch_size * cfg.grad_accum * n_proc
-    sampler = ResumableSampler(len(dataset), cfg.seed, start_step * per_step, accelerator.process_index, n_proc)
+    sampler = _sampler(dataset, cfg, start_step * per_step, accelerator.process_index, n_proc)
     # The loader gets its own generator: creating its iterator must not draw from the global RNG, whose
     # state is part of the checkpoint (and is restored just below).
     loader = torch.utils.data.DataLoader(

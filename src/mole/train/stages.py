@@ -119,6 +119,20 @@ def build_stage1(cfg: Stage1Config, model_cfg: ModelConfig, base: str | os.PathL
     )  # fmt: skip
 
 
+def linear_targets(unet: nn.Module) -> list[str]:
+    """Names of every ``nn.Linear`` and 1×1 ``nn.Conv2d`` in ``unet``: what ``target_modules: all-linear`` means.
+
+    peft's own ``"all-linear"`` skips convolutions (and a model's output layer), so the list is built here and
+    given to peft by full name; a 1×1 conv is a linear layer over channels, which the MoLE layer supports.
+    """
+    return [
+        name
+        for name, module in unet.named_modules()
+        if isinstance(module, nn.Linear)
+        or (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1)
+    ]
+
+
 def build_expert(cfg: ExpertConfig, model_cfg: ModelConfig, base: str | os.PathLike[str], name: str) -> Stage:
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
@@ -127,17 +141,20 @@ def build_expert(cfg: ExpertConfig, model_cfg: ModelConfig, base: str | os.PathL
     unet, text_encoder, vae, tokenizer, scheduler, prediction = _load_components(base_path, model_cfg)
     unet.requires_grad_(False)
     text_encoder.requires_grad_(False)
+    targets = linear_targets(unet) if cfg.target_modules == "all-linear" else cfg.target_modules
     lora = LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules,
+        target_modules=targets,
         init_lora_weights="gaussian",
     )
     try:
         unet.add_adapter(lora, adapter_name=name)
     except ValueError as err:
-        raise StageError(f"expert {name!r}: target_modules {cfg.target_modules} do not fit this UNet: {err}") from err
+        raise StageError(
+            f"expert {name!r}: target_modules {cfg.target_modules!r} do not fit this UNet: {err}"
+        ) from err
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     model = DiffusionModel(unet, text_encoder, scheduler, prediction, False, cfg.noise_offset)
@@ -161,7 +178,8 @@ def build_expert(cfg: ExpertConfig, model_cfg: ModelConfig, base: str | os.PathL
             raise StageError(f"expert {name!r}: trained {n_layers} LoRA layers but saved {saved_layers}")
         return output / LORA_WEIGHT_NAME
 
-    info = {"expert": name, "rank": cfg.rank, "alpha": cfg.alpha, "lora_layers": n_layers}
+    info = {"expert": name, "rank": cfg.rank, "alpha": cfg.alpha, "lora_layers": n_layers,
+            "target_modules": cfg.target_modules}  # fmt: skip
     return Stage(f"expert:{name}", model, vae, tokenizer, base_path, _trainable(model), save, info)
 
 
