@@ -461,11 +461,15 @@ def promote(
         str | None, typer.Option(help="With no champion yet, the version to beat, e.g. models:/mole-stage1/3.")
     ] = None,
     lower_is_better: Annotated[bool, typer.Option(help="Smaller metric values are better.")] = False,
+    version: Annotated[
+        str | None, typer.Option(help="The version to promote (default: the one the candidate alias points to).")
+    ] = None,
 ) -> None:
     """Move the champion alias to the candidate only if it beats the champion (or the baseline)."""
     from mole import tracking
 
-    moved, why = tracking.promote(metric, name=name, baseline=baseline, higher_is_better=not lower_is_better)
+    moved, why = tracking.promote(metric, name=name, baseline=baseline, higher_is_better=not lower_is_better,
+                                  version=version)  # fmt: skip
     typer.echo(("promoted: " if moved else "not promoted: ") + why)
 
 

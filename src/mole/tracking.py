@@ -386,41 +386,108 @@ def model_metric(name: str, version: str, metric: str) -> float | None:
     return None
 
 
-def promote(metric: str, name: str = "mole", candidate: str = "candidate", champion: str = "champion",
-            baseline: str | None = None, higher_is_better: bool = True) -> tuple[bool, str]:  # fmt: skip
-    """Move ``champion`` to the ``candidate`` version only if it beats the current champion (or, with no
-    champion yet, ``baseline`` — e.g. ``models:/mole-stage1/3``'s score — when given). Returns (moved, why)."""
+def promote(
+    metric: str, name: str = "mole", candidate: str = "candidate", champion: str = "champion",
+    baseline: str | None = None, higher_is_better: bool = True, version: str | None = None,
+) -> tuple[bool, str]:  # fmt: skip
+    """Move ``champion`` to ``version`` (default: the version ``candidate`` points to) only if it beats the current
+    champion (or, with no champion yet, ``baseline`` — e.g. ``models:/mole-stage1/3``'s score — when given).
+
+    A pipeline passes the ``version`` its own gates step registered: the ``candidate`` alias is shared by every
+    run, so two concurrent runs reading it could promote each other's model. MLflow has no compare-and-set on
+    aliases either, so a version that clears the bar is recorded as a contender (a ``mole.promotion.request``
+    tag) and :func:`_settle` points ``champion`` at the best contender, re-reading after each write until a read
+    that follows its own write agrees: whatever the interleaving of concurrent promotions, the last of them
+    leaves ``champion`` on the best-scoring contender, never on a worse one that happened to write last.
+
+    Returns:
+        (moved, why): ``moved`` is True when ``champion`` ends on ``version``.
+    """
     client = _client()
-    try:
-        cand = client.get_model_version_by_alias(name, candidate)
-    except Exception as err:  # MlflowException for a missing alias
-        return False, f"no {name}@{candidate} to promote ({err})"
-    cand_score = model_metric(name, cand.version, metric)
+    if version is None:
+        try:
+            version = client.get_model_version_by_alias(name, candidate).version
+        except Exception as err:  # MlflowException for a missing alias
+            return False, f"no {name}@{candidate} to promote ({err})"
+    version = str(version)
+    cand_score = model_metric(name, version, metric)
     if cand_score is None:
-        return False, f"{name} version {cand.version} has no {metric!r} score; evaluate it first"
-    try:
-        champ = client.get_model_version_by_alias(name, champion)
-        ref_name, ref_version, label = name, champ.version, f"champion (version {champ.version})"
-    except Exception:  # no champion yet
-        champ = None
-        if baseline is None:
-            ref_name = None
-        else:
-            m = re.fullmatch(r"models:/([^/@]+)/(\d+)", baseline)
-            if not m:
-                return False, f"baseline must look like models:/NAME/VERSION, got {baseline!r}"
-            ref_name, ref_version, label = m[1], m[2], f"baseline {baseline}"
-    if champ is not None and champ.version == cand.version:
-        return False, f"version {cand.version} is already {champion}"
+        return False, f"{name} version {version} has no {metric!r} score; evaluate it first"
+    champ = _alias_or_none(name, champion)
+    ref_name: str | None = None
+    if champ is not None:
+        ref_name, ref_version, label = name, champ, f"champion (version {champ})"
+    elif baseline is not None:
+        m = re.fullmatch(r"models:/([^/@]+)/(\d+)", baseline)
+        if not m:
+            return False, f"baseline must look like models:/NAME/VERSION, got {baseline!r}"
+        ref_name, ref_version, label = m[1], m[2], f"baseline {baseline}"
+    if champ == version:
+        return False, f"version {version} is already {champion}"
     if ref_name is not None:
         ref_score = model_metric(ref_name, ref_version, metric)
-        if ref_score is not None:
-            better = cand_score > ref_score if higher_is_better else cand_score < ref_score
-            if not better:
-                return False, (f"candidate version {cand.version} {metric}={cand_score:.4f} does not beat "
-                               f"{label} {metric}={ref_score:.4f}; {champion} left unchanged")  # fmt: skip
-    client.set_registered_model_alias(name, champion, cand.version)
-    return True, f"{champion} -> version {cand.version} ({metric}={cand_score:.4f})"
+        if ref_score is not None and not _better(cand_score, ref_score, higher_is_better):
+            return False, (f"candidate version {version} {metric}={cand_score:.4f} does not beat "
+                           f"{label} {metric}={ref_score:.4f}; {champion} left unchanged")  # fmt: skip
+    import time
+
+    client.set_model_version_tag(name, version, PROMOTION_TAG, f"{metric} {time.time():.0f}")
+    winner, score = _settle(name, champion, metric, higher_is_better, version)
+    if winner != version:
+        return False, (f"candidate version {version} {metric}={cand_score:.4f} cleared the bar, but a concurrent "
+                       f"promotion's version {winner} scores better ({metric}={score:.4f}); "
+                       f"{champion} -> {winner}")  # fmt: skip
+    return True, f"{champion} -> version {version} ({metric}={cand_score:.4f})"
+
+
+#: Tag on a model version that cleared the promotion bar: ``"<metric> <unix time>"`` (see :func:`promote`).
+PROMOTION_TAG = "mole.promotion.request"
+#: Contenders older than this are history, not concurrent promotions: a champion set back by hand (a rollback)
+#: is not undone by the next run's promotion.
+PROMOTION_WINDOW_S = 3600.0
+
+
+def _better(a: float, b: float, higher_is_better: bool) -> bool:
+    return a > b if higher_is_better else a < b
+
+
+def _alias_or_none(name: str, alias: str) -> str | None:
+    try:
+        return str(_client().get_model_version_by_alias(name, alias).version)
+    except Exception:  # MlflowException: no such alias (yet)
+        return None
+
+
+def _settle(
+    name: str, champion: str, metric: str, higher_is_better: bool, mine: str, rounds: int = 20
+) -> tuple[str, float]:
+    """Point ``champion`` at the best of the recent contenders for ``metric`` (``mine`` among them) and the current
+    champion; repeat until a read made after this process's last write finds ``champion`` already on the best.
+    Ties go to the newer version. Returns the winner and its score."""
+    import time
+
+    client = _client()
+    for _ in range(rounds):
+        scored: dict[str, float] = {}
+        for mv in client.search_model_versions(f"name='{name}'"):
+            tag_metric, _, stamp = (mv.tags or {}).get(PROMOTION_TAG, "").partition(" ")
+            recent = stamp.isdigit() and time.time() - int(stamp) < PROMOTION_WINDOW_S
+            if tag_metric == metric and (recent or str(mv.version) == mine):
+                score = model_metric(name, str(mv.version), metric)
+                if score is not None:
+                    scored[str(mv.version)] = score
+        current = _alias_or_none(name, champion)
+        if current is not None and current not in scored:
+            score = model_metric(name, current, metric)
+            if score is not None:
+                scored[current] = score
+        sign = 1.0 if higher_is_better else -1.0
+        best = max(scored, key=lambda v: (sign * scored[v], int(v)))
+        if current == best:
+            return best, scored[best]
+        client.set_registered_model_alias(name, champion, best)
+        time.sleep(0.05)  # let a concurrent writer's alias land before the confirming read
+    raise RuntimeError(f"{name}@{champion} did not settle after {rounds} rounds of concurrent promotions")
 
 
 def alias_version(name: str, alias: str) -> str:

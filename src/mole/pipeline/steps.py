@@ -270,8 +270,10 @@ def evaluate(
 def promote(
     metric: str, report: str, model: str, tracking_uri: str = "", experiment: str = "", baseline: str = ""
 ) -> str:
-    """Move ``mole@champion`` to the evaluated candidate when it beats the champion or, with no champion yet, the
-    ``baseline`` (the evaluated stage-1 version, ``models:/mole-stage1/N``). Returns what happened."""
+    """Move ``mole@champion`` to ``model`` — the version this run registered (``models:/mole/N``) — when it beats
+    the champion or, with no champion yet, the ``baseline`` (the evaluated stage-1 version,
+    ``models:/mole-stage1/N``). Race-free against concurrent runs (see :func:`mole.tracking.promote`). Returns
+    what happened."""
     from mole import tracking
 
     _tracking(tracking_uri, experiment)
@@ -283,9 +285,14 @@ def promote(
         why = f"tracking is off: nothing registered to promote ({metric}={scores[metric]['mean']:.4f})"
         logger.info(why)
         return why
+    # The version this run's gates step registered, never the shared `candidate` alias: a concurrent run may
+    # have moved that since.
+    own = re.fullmatch(r"models:/([^/@]+)/(\d+)", model)
+    if not own:
+        raise ValueError(f"promote needs the registered version (models:/NAME/VERSION) of this run, got {model!r}")
     # A baseline that is not a registered version (stage 1 from a local path) cannot hold a score: skip it.
     reference = baseline if re.fullmatch(r"models:/[^/@]+/\d+", baseline or "") else None
-    _moved, why = tracking.promote(metric, baseline=reference)
+    _moved, why = tracking.promote(metric, name=own[1], baseline=reference, version=own[2])
     logger.info(why)
     return why
 
