@@ -43,10 +43,23 @@ def enabled() -> bool:
     return os.environ.get("MOLE_TRACKING", "on").lower() not in ("0", "off", "false", "no")
 
 
+class TrackingConfigError(RuntimeError):
+    """Tracking is on but this process has nowhere durable to track to; the message names what to set."""
+
+
 def _mlflow():
     import mlflow
 
     if not os.environ.get("MLFLOW_TRACKING_URI"):
+        if os.environ.get("KUBERNETES_SERVICE_HOST"):
+            # In a pod, the local default is a sqlite file that vanishes with the pod: runs and registered
+            # versions would be lost without a word. Refuse instead.
+            raise TrackingConfigError(
+                "MLFLOW_TRACKING_URI is not set in this pod, and tracking into a pod-local sqlite file would lose "
+                "every run with the pod. Pipeline steps read it from the ConfigMap named by the pipeline's "
+                "config_map parameter (the chart's pipeline.configMap.name, default mole-config) and their MLflow "
+                "user from the Secret named by mlflow_secret (default mole-mlflow); or set MOLE_TRACKING=off."
+            )
         Path("mlruns").mkdir(exist_ok=True)
         mlflow.set_tracking_uri(DEFAULT_URI)
     return mlflow

@@ -85,6 +85,28 @@ The name of the ServiceAccount to use.
 {{- end }}
 
 {{/*
+The ServiceAccount Kubeflow Pipelines runs the pipeline's pods as, in the release namespace.
+*/}}
+{{- define "mole.runnerServiceAccount" -}}
+{{- if .Values.kubeflow.runnerServiceAccount }}
+{{- .Values.kubeflow.runnerServiceAccount }}
+{{- else if eq .Values.kubeflow.mode "multiUser" }}
+{{- print "default-editor" }}
+{{- else }}
+{{- print "pipeline-runner" }}
+{{- end }}
+{{- end }}
+
+{{/*
+The Kubeflow profile namespace a multi-user run is submitted to: the release namespace.
+*/}}
+{{- define "mole.kfpNamespace" -}}
+{{- if eq .Values.kubeflow.mode "multiUser" }}
+{{- default .Release.Namespace .Values.pipelineSubmit.namespace }}
+{{- end }}
+{{- end }}
+
+{{/*
 Images.
 */}}
 {{- define "mole.image" -}}
@@ -188,6 +210,22 @@ The MLflow backend store URI. PostgreSQL credentials are never part of it: libpq
 Cross-field checks the schema cannot express; each failure names the values to set.
 */}}
 {{- define "mole.validate" -}}
+{{- $kf := .Values.kubeflow }}
+{{- if and (eq $kf.mode "standalone") (ne .Release.Namespace $kf.namespace) }}
+{{- fail (printf "standalone Kubeflow Pipelines runs the pipeline's pods in namespace %q, where they need this release's workspace claim, ConfigMap, Secrets and RoleBinding: install with -n %s (or set kubeflow.namespace to where your KFP runs pods, or kubeflow.mode=multiUser and install into the profile namespace)" $kf.namespace $kf.namespace) }}
+{{- end }}
+{{- if and (eq $kf.mode "multiUser") .Values.pipelineSubmit.namespace (ne .Values.pipelineSubmit.namespace .Release.Namespace) }}
+{{- fail (printf "pipelineSubmit.namespace %q: multi-user Kubeflow Pipelines runs the pipeline's pods in the profile namespace it is submitted to, so it must be the release namespace %q (install the chart into the profile namespace)" .Values.pipelineSubmit.namespace .Release.Namespace) }}
+{{- end }}
+{{- $perNode := int .Values.gpuPool.gpusPerNode }}
+{{- if and .Values.serve.enabled (gt (int .Values.serve.gpu.count) $perNode) }}
+{{- fail (printf "serve.gpu.count=%d cannot be scheduled: a node of the GPU pool has gpuPool.gpusPerNode=%d GPUs" (int .Values.serve.gpu.count) $perNode) }}
+{{- end }}
+{{- with .Values.pipelineSubmit.parameters.gpus }}
+{{- if gt (int .) $perNode }}
+{{- fail (printf "pipelineSubmit.parameters.gpus=%d cannot be scheduled: a node of the GPU pool has gpuPool.gpusPerNode=%d GPUs (more GPUs for stage 1: stage1_launcher=trainjob with stage1_nodes)" (int .) $perNode) }}
+{{- end }}
+{{- end }}
 {{- if not .Values.tracking.existingSecret.name }}
 {{- fail "tracking.existingSecret.name must name the Secret with the MLflow user of the mole pods" }}
 {{- end }}
@@ -227,12 +265,14 @@ Cross-field checks the schema cannot express; each failure names the values to s
 
 {{/*
 The pipeline parameters the submit Job passes: what this release knows (image, namespace, the names of the
-workspace claim, ConfigMap and Secrets, the GPU pool), overridden by pipelineSubmit.parameters.
+workspace claim, ConfigMap and Secrets, the GPU pool and its GPUs per node), overridden by
+pipelineSubmit.parameters.
 */}}
 {{- define "mole.pipelineParameters" -}}
 {{- $params := dict
   "image" (include "mole.image" .)
   "namespace" .Release.Namespace
+  "gpus_per_node" (int .Values.gpuPool.gpusPerNode)
   "workspace_pvc" .Values.pipeline.workspace.name
   "config_map" .Values.pipeline.configMap.name
   "mlflow_secret" .Values.tracking.existingSecret.name

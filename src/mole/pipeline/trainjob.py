@@ -51,6 +51,8 @@ class DistributedSpec:
         runtime: The ClusterTrainingRuntime to use (Trainer only).
         node_selector / tolerations: Placement on the A100 pool.
         env: Plain environment variables. secret_env: ``{secret name: {key: ENV_NAME}}``.
+        required_secrets: Secrets of ``secret_env`` a pod must not start without (the MLflow user); the others
+            are optional (S3 keys, for which a workload identity can stand in).
         pvc / mount_path: The shared workspace.
         cpu / memory: Requests per node. shm_size: The ``/dev/shm`` memory emptyDir per node.
         service_account: The pods' service account.
@@ -68,6 +70,7 @@ class DistributedSpec:
     tolerations: list[dict[str, Any]] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     secret_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    required_secrets: list[str] = field(default_factory=list)
     pvc: str | None = None
     mount_path: str = "/workspace"
     cpu: str = "8"
@@ -95,7 +98,8 @@ def _env_list(spec: DistributedSpec) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in sorted(spec.env.items())]
     for secret, keys in sorted(spec.secret_env.items()):
         for key, name in sorted(keys.items()):
-            env.append({"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}})
+            ref = {"name": secret, "key": key, "optional": secret not in spec.required_secrets}
+            env.append({"name": name, "valueFrom": {"secretKeyRef": ref}})
     return env
 
 
