@@ -41,10 +41,14 @@ def evaluate_baseline_op(
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def promote_op(
-    metric: str, report: str, model: str, baseline: str, timeouts: dict, tracking_uri: str, experiment: str
-) -> str:
-    """Promotes ``model``, the version this run registered (never the shared ``candidate`` alias)."""
+    metric: str, report: str, model: str, baseline: str, timeouts: dict, serve_deployment: str, serve_replicas: int,
+    namespace: str, tracking_uri: str, experiment: str,
+) -> str:  # fmt: skip
+    """Promotes ``model``, the version this run registered (never the shared ``candidate`` alias), and rolls the
+    generation service onto it."""
     from mole.pipeline import steps
 
     with steps.deadline("promote", timeouts):
-        return steps.promote(metric, report, model, tracking_uri, experiment, baseline=baseline)
+        return steps.promote(metric, report, model, tracking_uri, experiment, baseline=baseline,
+                             serve_deployment=serve_deployment, serve_replicas=serve_replicas,
+                             namespace=namespace)  # fmt: skip

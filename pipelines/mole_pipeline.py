@@ -19,6 +19,9 @@ checked by ``start``), the evaluations one GPU, and they land on the GPU pool th
 PVC, reads its MLflow user from a required Secret, S3 keys from an optional one (a workload identity may stand in)
 and endpoints from a required ConfigMap, all in the namespace the run's pods run in.
 
+Promotion rolls the generation service (``serve_deployment``, set by the chart) onto the new champion and scales
+it up from the zero replicas it waits at before the first one.
+
 Caching: only the data steps are cached, and their inputs are exactly what defines a dataset (kind, source, raw
 input, curation config, count, where it is written), never the run's id or folder, so a second run with the same
 data reuses them. Training steps are retried and resume from their checkpoints. ``step_timeouts`` bounds each
@@ -163,6 +166,8 @@ def build_pipeline(
         config_map: str = "mole-config",
         tracking_uri: str = "",
         experiment: str = "",
+        serve_deployment: str = "",
+        serve_replicas: int = 1,
     ) -> None:
         p = {"image": image, "workspace_pvc": workspace_pvc, "s3_secret": s3_secret, "mlflow_secret": mlflow_secret,
              "config_map": config_map, "gpus": gpus, "gpu_cpu": gpu_cpu, "gpu_memory": gpu_memory,
@@ -244,7 +249,9 @@ def build_pipeline(
 
             # `model` is the version this run's gates step registered: promotion never reads the shared alias.
             promote = promote_op(metric=promote_metric, report=evaluation.output, model=gates.output,
-                                 baseline=stage1, timeouts=step_timeouts, **track).after(baseline)  # fmt: skip
+                                 baseline=stage1, timeouts=step_timeouts, serve_deployment=serve_deployment,
+                                 serve_replicas=serve_replicas, namespace=namespace,
+                                 **track).after(baseline)  # fmt: skip
             _retry(_common(promote, p, cpu="1", memory="2Gi"), retries).set_caching_options(False)
             promote.set_display_name("promote")
 

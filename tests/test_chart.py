@@ -35,8 +35,13 @@ NAMESPACE = "kubeflow"  # the default topology: standalone KFP, whose pipeline p
 ALL_ON = [
     "--set", "pipelineSubmit.enabled=true", "--set", "pipelineSubmit.kfpServiceAccountToken=true",
     "--set", "pipelineSubmit.kfpToken.existingSecret=kfp-token", "--set", "mlflow.ingress.enabled=true",
-    "--set", "mlflow.ingress.host=mlflow.example.com",
+    "--set", "mlflow.ingress.host=mlflow.example.com", "--set", "serve.podDisruptionBudget.enabled=true",
+    "--set", "serve.autoscaling.enabled=true", "--set", "serve.serviceMonitor.enabled=true",
 ]  # fmt: skip
+#: Kinds of CRDs the cluster must have for the options that create them; their schemas are not in
+#: kubernetes-validate, so these objects are checked by the tests that render them.
+CRD_KINDS = {"ServiceMonitor"}
+DIGEST = "sha256:" + "ab" * 32
 
 
 @pytest.fixture(scope="session")
@@ -108,7 +113,8 @@ def test_renders_valid_kubernetes_objects(helm: str, variant: str) -> None:
     kinds = {d["kind"] for d in docs}
     assert {"Deployment", "Service", "ServiceAccount", "Role", "RoleBinding", "NetworkPolicy", "Job"} <= kinds
     for doc in docs:
-        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+        if doc["kind"] not in CRD_KINDS:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
 
 
 def test_strict_validation_catches_a_misspelled_field(helm: str) -> None:
@@ -606,3 +612,58 @@ def _up(uri: str) -> bool:
         return True
     except OSError:
         return False
+
+
+# --- images by digest, serving that waits for its champion, optional scaling and monitoring --------------------
+
+
+def test_images_by_digest_everywhere(helm: str) -> None:
+    """A digest pins every mole pod and the pipeline's steps (the submit Job passes it as `image`)."""
+    docs = render(helm, "--set", f"image.digest={DIGEST}", "--set", f"mlflow.image.digest={DIGEST}",
+                  "--set", "pipelineSubmit.enabled=true")  # fmt: skip
+    mole_image = f"ghcr.io/mole-project/mole@{DIGEST}"
+    assert container(docs, "Deployment", "mole-serve")["image"] == mole_image
+    assert container(docs, "Deployment", "mole-mlflow")["image"] == f"ghcr.io/mole-project/mole-mlflow@{DIGEST}"
+    submit = container(docs, "Job", "mole-pipeline-submit")
+    assert submit["image"] == mole_image and f"image={mole_image}" in submit["args"]
+    assert "at '/image/digest'" in render_error(helm, "--set", "image.digest=latest")
+
+
+def test_serving_waits_for_a_champion_without_gpus(helm: str) -> None:
+    """Before the first champion the Deployment has no pod (so none holds a GPU); the promote step, allowed to
+    get and patch that one Deployment, scales it up and rolls it onto each new champion."""
+    docs = render(helm, "--set", "serve.replicaCount=3", "--set", "pipelineSubmit.enabled=true")
+    assert find(docs, "Deployment", "mole-serve")["spec"]["replicas"] == 0
+    args = container(docs, "Job", "mole-pipeline-submit")["args"]
+    assert "serve_deployment=mole-serve" in args and "serve_replicas=3" in args
+    rules = find(docs, "Role", "mole-pipeline")["rules"]
+    (apps,) = [r for r in rules if r["apiGroups"] == ["apps"]]
+    assert apps == {"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": ["mole-serve"],
+                    "verbs": ["get", "patch"]}  # fmt: skip
+    eager = render(helm, "--set", "serve.replicaCount=3", "--set", "serve.waitForChampion=false")
+    assert find(eager, "Deployment", "mole-serve")["spec"]["replicas"] == 3
+    assert "--compile" not in container(eager, "Deployment", "mole-serve")["args"]
+    compiled = render(helm, "--set", "serve.compile=true")
+    assert "--compile" in container(compiled, "Deployment", "mole-serve")["args"]
+
+
+def test_optional_pdb_autoscaler_and_service_monitor(helm: str) -> None:
+    assert not {"PodDisruptionBudget", "HorizontalPodAutoscaler", "ServiceMonitor"} & {d["kind"] for d in render(helm)}
+    docs = render(helm, *ALL_ON)
+    labels = find(docs, "Deployment", "mole-serve")["spec"]["template"]["metadata"]["labels"]
+    pdb = find(docs, "PodDisruptionBudget", "mole-serve")["spec"]
+    assert pdb["maxUnavailable"] == 1 and pdb["selector"]["matchLabels"].items() <= labels.items()
+    hpa = find(docs, "HorizontalPodAutoscaler", "mole-serve")["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "mole-serve"}
+    (metric,) = hpa["metrics"]
+    assert metric["pods"]["metric"]["name"] == "mole_queue_depth"
+    assert metric["pods"]["target"] == {"type": "AverageValue", "averageValue": "2"}
+    monitor = find(docs, "ServiceMonitor", "mole-serve")["spec"]
+    service = find(docs, "Service", "mole-serve")
+    assert monitor["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["endpoints"][0]["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert "minReplicas=5 is above" in render_error(helm, "--set", "serve.autoscaling.enabled=true",
+                                                    "--set", "serve.autoscaling.minReplicas=5")  # fmt: skip
+    assert "additional properties 'maxUnavailabel' not allowed" in render_error(
+        helm, "--set", "serve.podDisruptionBudget.maxUnavailabel=1"
+    )

@@ -122,3 +122,40 @@ def test_tracking_in_a_pod_without_a_uri_refuses_the_pod_local_store(monkeypatch
     with pytest.raises(tracking.TrackingConfigError, match="ConfigMap named by the pipeline's config_map"):
         tracking.StageRun("curate:faces")
     assert not (tmp_path / "mlruns").exists()
+
+
+class FakeApps:
+    """The Deployment boundary as the API behaves: a patch merges into the stored object."""
+
+    def __init__(self, replicas: int) -> None:
+        self.deployment = {"spec": {"replicas": replicas, "template": {"metadata": {"annotations": {"a": "b"}}}}}
+        self.patches: list[dict] = []
+
+    def replicas(self, namespace: str, name: str) -> int:
+        return self.deployment["spec"]["replicas"]
+
+    def patch(self, namespace: str, name: str, body: dict) -> None:
+        self.patches.append(body)
+
+        def merge(into: dict, patch: dict) -> None:
+            for k, v in patch.items():
+                if isinstance(v, dict):
+                    merge(into.setdefault(k, {}), v)
+                else:
+                    into[k] = v
+
+        merge(self.deployment, body)
+
+
+def test_promotion_rolls_the_service_out_and_scales_it_from_zero() -> None:
+    from mole.pipeline.rollout import VERSION_ANNOTATION, roll_out
+
+    waiting = FakeApps(0)  # no champion yet: no serve pod, no GPU held
+    what = roll_out("mole-serve", "kubeflow", "mole", "3", 2, api=waiting)
+    assert waiting.deployment["spec"]["replicas"] == 2 and "scaled 0 -> 2" in what
+    annotations = waiting.deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations == {"a": "b", VERSION_ANNOTATION: "mole/3"}
+    autoscaled = FakeApps(5)  # an autoscaler's choice is kept; the new version still rolls out
+    roll_out("mole-serve", "kubeflow", "mole", "4", 2, api=autoscaled)
+    assert autoscaled.deployment["spec"]["replicas"] == 5 and "replicas" not in autoscaled.patches[0]["spec"]
+    assert autoscaled.deployment["spec"]["template"]["metadata"]["annotations"][VERSION_ANNOTATION] == "mole/4"

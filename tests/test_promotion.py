@@ -130,3 +130,20 @@ def test_a_rollback_by_hand_is_not_undone_by_old_contenders(registry, monkeypatc
     newer = new_version(0.6)
     steps.promote("hps", _report(0.6), f"models:/{name}/{newer}")
     assert client.get_model_version_by_alias(name, "champion").version == newer
+
+
+def test_a_promotion_rolls_the_service_onto_the_new_champion(registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.test_pipeline_steps import FakeApps
+
+    from mole.pipeline import rollout, steps
+
+    _client, name, new_version = registry
+    apps = FakeApps(0)
+    monkeypatch.setattr(rollout, "AppsApi", lambda: apps)
+    first = new_version(0.4)
+    why = steps.promote("hps", _report(0.4), f"models:/{name}/{first}", serve_deployment="mole-serve",
+                        serve_replicas=2, namespace="kubeflow")  # fmt: skip
+    assert "scaled 0 -> 2" in why and apps.deployment["spec"]["replicas"] == 2
+    worse = new_version(0.1)
+    steps.promote("hps", _report(0.1), f"models:/{name}/{worse}", serve_deployment="mole-serve", namespace="kubeflow")
+    assert len(apps.patches) == 1  # not promoted: nothing rolled

@@ -279,6 +279,16 @@ def _lora_file(folder: Path) -> Path:
     raise FileNotFoundError(f"no LoRA weights file in {folder}")
 
 
+def resolve_version(uri: str) -> str:
+    """``models:/NAME@ALIAS`` as the version it points to now (``models:/NAME/7``); other URIs unchanged. Loading
+    the resolved version, not the alias, makes "which model is this" answerable (the service reports it) and
+    immune to the alias moving while the artifacts download."""
+    m = re.fullmatch(r"models:/([^/@]+)@(.+)", uri)
+    if not m:
+        return uri
+    return f"models:/{m[1]}/{_client().get_model_version_by_alias(m[1], m[2]).version}"
+
+
 def load_registered_pipeline(uri: str):  # -> diffusers.StableDiffusionPipeline
     """The generation pipeline of a registered mole model (``models:/mole@champion``, ``models:/mole-stage1/2``)."""
     model = _mlflow().pyfunc.load_model(uri)

@@ -110,11 +110,40 @@ The Kubeflow profile namespace a multi-user run is submitted to: the release nam
 Images.
 */}}
 {{- define "mole.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
 {{- end }}
 
 {{- define "mole.mlflow.image" -}}
+{{- if .Values.mlflow.image.digest }}
+{{- printf "%s@%s" .Values.mlflow.image.repository .Values.mlflow.image.digest }}
+{{- else }}
 {{- printf "%s:%s" .Values.mlflow.image.repository .Values.mlflow.image.tag }}
+{{- end }}
+{{- end }}
+
+{{/*
+Replicas of the generation Deployment. Waiting for a champion: zero on install, and zero for as long as the
+live object says so (the promote step scales it up); afterwards, with an autoscaler, the live count (the HPA
+owns it); else serve.replicaCount. `helm template` sees no live object.
+*/}}
+{{- define "mole.serve.replicas" -}}
+{{- $s := .Values.serve }}
+{{- $live := lookup "apps/v1" "Deployment" .Release.Namespace (include "mole.serve.fullname" .) }}
+{{- $liveReplicas := -1 }}
+{{- if $live }}
+{{- $liveReplicas = int (default 0 $live.spec.replicas) }}
+{{- end }}
+{{- if and $s.waitForChampion (le $liveReplicas 0) }}
+{{- 0 }}
+{{- else if and $s.autoscaling.enabled (gt $liveReplicas 0) }}
+{{- $liveReplicas }}
+{{- else }}
+{{- $s.replicaCount }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -226,6 +255,11 @@ Cross-field checks the schema cannot express; each failure names the values to s
 {{- fail (printf "pipelineSubmit.parameters.gpus=%d cannot be scheduled: a node of the GPU pool has gpuPool.gpusPerNode=%d GPUs (more GPUs for stage 1: stage1_launcher=trainjob with stage1_nodes)" (int .) $perNode) }}
 {{- end }}
 {{- end }}
+{{- with .Values.serve.autoscaling }}
+{{- if and .enabled (gt (int .minReplicas) (int .maxReplicas)) }}
+{{- fail (printf "serve.autoscaling.minReplicas=%d is above serve.autoscaling.maxReplicas=%d" (int .minReplicas) (int .maxReplicas)) }}
+{{- end }}
+{{- end }}
 {{- if not .Values.tracking.existingSecret.name }}
 {{- fail "tracking.existingSecret.name must name the Secret with the MLflow user of the mole pods" }}
 {{- end }}
@@ -281,6 +315,10 @@ pipelineSubmit.parameters.
 }}
 {{- with .Values.gpuPool.nodeSelector }}
 {{- $_ := set $params "node_selector" . }}
+{{- end }}
+{{- if .Values.serve.enabled }}
+{{- $_ := set $params "serve_deployment" (include "mole.serve.fullname" .) }}
+{{- $_ := set $params "serve_replicas" (int .Values.serve.replicaCount) }}
 {{- end }}
 {{- $params = merge (deepCopy .Values.pipelineSubmit.parameters) $params }}
 {{- range $name, $value := $params }}

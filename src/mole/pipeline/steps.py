@@ -379,12 +379,14 @@ def evaluate(
 
 
 def promote(
-    metric: str, report: str, model: str, tracking_uri: str = "", experiment: str = "", baseline: str = ""
-) -> str:
+    metric: str, report: str, model: str, tracking_uri: str = "", experiment: str = "", baseline: str = "",
+    serve_deployment: str = "", serve_replicas: int = 1, namespace: str = "",
+) -> str:  # fmt: skip
     """Move ``mole@champion`` to ``model`` — the version this run registered (``models:/mole/N``) — when it beats
     the champion or, with no champion yet, the ``baseline`` (the evaluated stage-1 version,
-    ``models:/mole-stage1/N``). Race-free against concurrent runs (see :func:`mole.tracking.promote`). Returns
-    what happened."""
+    ``models:/mole-stage1/N``). Race-free against concurrent runs (see :func:`mole.tracking.promote`). When it
+    moved and ``serve_deployment`` names the generation service's Deployment, that is rolled onto the new
+    version (and scaled up from zero: see :mod:`mole.pipeline.rollout`). Returns what happened."""
     from mole import tracking
 
     _tracking(tracking_uri, experiment)
@@ -403,8 +405,12 @@ def promote(
         raise ValueError(f"promote needs the registered version (models:/NAME/VERSION) of this run, got {model!r}")
     # A baseline that is not a registered version (stage 1 from a local path) cannot hold a score: skip it.
     reference = baseline if re.fullmatch(r"models:/[^/@]+/\d+", baseline or "") else None
-    _moved, why = tracking.promote(metric, name=own[1], baseline=reference, version=own[2])
+    moved, why = tracking.promote(metric, name=own[1], baseline=reference, version=own[2])
     logger.info(why)
+    if moved and serve_deployment:
+        from mole.pipeline.rollout import roll_out
+
+        why += "; " + roll_out(serve_deployment, namespace or own_namespace(), own[1], own[2], serve_replicas)
     return why
 
 

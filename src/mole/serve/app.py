@@ -132,6 +132,8 @@ def create_app(service: Service, drain_timeout: float = 30.0) -> FastAPI:
         """What is loaded and what a request may ask for."""
         return {
             "model": service.description,
+            # The registered version actually loaded (models:/mole/7) when `model` is an alias; null otherwise.
+            "model_version": getattr(service._loader, "resolved", None),
             "state": service.state,
             "modes": list(service.modes),
             "mode_help": {m: MODE_HELP[m] for m in service.modes},
@@ -211,13 +213,21 @@ def make_loader(
             raise ValueError(f"{redact(model)} is a registered MoLE model with its own experts and gates; "
                              "drop --experts/--gates")  # fmt: skip
 
-        def load_registered() -> Any:
-            from mole.tracking import load_registered_pipeline
+        class LoadRegistered:
+            """Resolves an alias to the version it points to now, then loads that version; ``resolved`` says
+            which (``/v1/info`` reports it)."""
 
-            pipe = load_registered_pipeline(model)
-            return pipe.to(device) if device else pipe
+            resolved: str | None = None
 
-        return load_registered
+            def __call__(self) -> Any:
+                from mole.tracking import load_registered_pipeline, resolve_version
+
+                self.resolved = resolve_version(model)
+                logger.info("%s is %s", redact(model), redact(self.resolved))
+                pipe = load_registered_pipeline(self.resolved)
+                return pipe.to(device) if device else pipe
+
+        return LoadRegistered()
     path = Path(model)
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"{path} is not a diffusers model folder (no model_index.json)")
