@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -217,3 +218,26 @@ def test_submit_goes_through_the_kfp_client(monkeypatch: pytest.MonkeyPatch) -> 
     assert kw["arguments"] == {"stage1_nodes": 4, "stage1_launcher": "trainjob"}
     bad = CliRunner().invoke(app, ["pipeline", "submit", "--host", "http://x", "--package", str(PACKAGE), "nope=1"])
     assert bad.exit_code == 2 and "unknown pipeline parameter 'nope'" in bad.output
+
+
+def test_components_can_pin_the_image_by_digest(tmp_path: Path) -> None:
+    from components.constants import image_reference
+
+    digest = "sha256:" + "0f" * 32
+    assert image_reference({"MOLE_IMAGE_DIGEST": digest}) == f"ghcr.io/mole-project/mole@{digest}"
+    assert image_reference({}).startswith("ghcr.io/mole-project/mole:")
+    with pytest.raises(ValueError, match="MOLE_IMAGE_DIGEST"):
+        image_reference({"MOLE_IMAGE_DIGEST": "latest"})
+    # Compiled with the digest: every step and the `image` parameter's default carry it.
+    env = {**os.environ, "MOLE_IMAGE_DIGEST": digest}
+    env.pop("MOLE_IMAGE", None)
+    out = tmp_path / "pinned.yaml"
+    subprocess.run([sys.executable, "-m", "mole", "pipeline", "compile", "--output", str(out)], cwd=ROOT, env=env,
+                   check=True, capture_output=True)  # fmt: skip
+    spec, _ = _load(out)
+    assert (
+        spec["root"]["inputDefinitions"]["parameters"]["image"]["defaultValue"]
+        == f"ghcr.io/mole-project/mole@{digest}"
+    )
+    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+    assert all(digest in i or "image" in i for i in images), images

@@ -13,9 +13,7 @@ Tracking is on by default: ``MLFLOW_TRACKING_URI`` (default ``sqlite:///mlruns/m
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import io
 import json
 import logging
 import os
@@ -25,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mole.pyfunc import mole_pyfunc, pyfunc_environment
 from mole.storage import StorageError
 
 logger = logging.getLogger(__name__)
@@ -200,7 +199,7 @@ class StageRun:
             info = self._mlflow.pyfunc.log_model(
                 name="model", python_model=mole_pyfunc(), artifacts={"base": str(model_dir)},
                 model_config={"experts": {}, "gates": False}, registered_model_name=REGISTERED["stage1"],
-                pip_requirements=_requirements(),
+                **pyfunc_environment(),
             )  # fmt: skip
         return self._ref(info, REGISTERED["stage1"])
 
@@ -244,7 +243,7 @@ class StageRun:
             info = self._mlflow.pyfunc.log_model(
                 name="model", python_model=mole_pyfunc(), artifacts=artifacts,
                 model_config={"experts": sorted(experts), "gates": True, "condition": _gate_condition(gates)},
-                registered_model_name=REGISTERED["mole"], pip_requirements=_requirements(),
+                registered_model_name=REGISTERED["mole"], **pyfunc_environment(),
             )  # fmt: skip
         ref = self._ref(info, REGISTERED["mole"])
         _client().set_registered_model_alias(REGISTERED["mole"], alias, ref.version)
@@ -304,9 +303,9 @@ def _system_metrics() -> bool:
 
 
 def _requirements() -> list[str]:
-    from mole import __version__
+    from mole.pyfunc import requirements
 
-    return [f"mole=={__version__}"]
+    return requirements()
 
 
 def result_of(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -562,53 +561,3 @@ def format_lineage(chain: list[dict[str, Any]]) -> str:
         for d in step["datasets"]:
             lines.append(f"    dataset {d['name']} digest {d['digest']} ({d['source']})")
     return "\n".join(lines)
-
-
-# --- the MoLE model as a pyfunc ---------------------------------------------------------------------------
-
-
-_PYFUNC: type | None = None
-
-
-def mole_pyfunc() -> Any:
-    """An instance of the text-to-image pyfunc (the class is built on first use, so that importing this
-    module does not import mlflow)."""
-    global _PYFUNC
-    if _PYFUNC is None:
-        import mlflow.pyfunc
-
-        class MolePyfunc(mlflow.pyfunc.PythonModel):
-            """Text-to-image: a DataFrame with a ``prompt`` column (optional ``seed``, ``steps``, ``guidance``,
-            ``width``, ``height``) in; a DataFrame with ``png`` (base64-encoded PNG bytes) out."""
-
-            def load_context(self, context) -> None:
-                from mole.generate import load_pipeline
-
-                cfg = context.model_config or {}
-                experts = {n: context.artifacts[f"expert_{n}"] for n in cfg.get("experts", [])}
-                gates = context.artifacts.get("gates") if cfg.get("gates") else None
-                if gates is not None and Path(gates).is_dir():
-                    gates = str(Path(gates) / "gates.safetensors")
-                self.pipe = load_pipeline(context.artifacts["base"], experts or None, gates)
-
-            def predict(self, context, model_input, params=None):
-                import pandas as pd
-
-                from mole.generate import generate
-
-                rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
-                out = []
-                for row in rows:
-                    result = generate(
-                        self.pipe, [str(row["prompt"])], seed=int(row.get("seed") or 0),
-                        steps=int(row.get("steps") or 25), guidance=float(row.get("guidance") or 7.5),
-                        width=int(row["width"]) if row.get("width") else None,
-                        height=int(row["height"]) if row.get("height") else None,
-                    )  # fmt: skip
-                    buf = io.BytesIO()
-                    result.images[0].save(buf, format="PNG")
-                    out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
-                return pd.DataFrame({"png": out})
-
-        _PYFUNC = MolePyfunc
-    return _PYFUNC()
