@@ -667,3 +667,47 @@ def test_optional_pdb_autoscaler_and_service_monitor(helm: str) -> None:
     assert "additional properties 'maxUnavailabel' not allowed" in render_error(
         helm, "--set", "serve.podDisruptionBudget.maxUnavailabel=1"
     )
+
+
+# --- KServe --------------------------------------------------------------------------------------------------------
+
+
+def test_kserve_inference_service_runs_the_same_container(helm: str) -> None:
+    """The InferenceService option: valid against KServe's own CRD schema (strict), the same image, command,
+    environment and GPU placement as the Deployment it replaces."""
+    import kubernetes_validate
+    from tests.crd_schema import crd_errors
+
+    plain = render(helm)
+    docs = render(helm, "--set", "serve.kserve.enabled=true", "--set", "serve.compile=true")
+    assert not [d for d in docs if d["kind"] in {"Deployment", "Service"} and d["metadata"]["name"] == "mole-serve"]
+    isvc = find(docs, "InferenceService", "mole-serve")
+    assert crd_errors("kserve-inferenceservice-v1beta1", isvc) == []
+    for doc in docs:
+        if doc["kind"] != "InferenceService":
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+    predictor = isvc["spec"]["predictor"]
+    (c,) = predictor["containers"]
+    deployed = container(plain, "Deployment", "mole-serve")
+    assert c["image"] == deployed["image"]
+    assert c["args"] == [*deployed["args"], "--compile"]
+    assert c["env"] == deployed["env"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    pod = find(plain, "Deployment", "mole-serve")["spec"]["template"]["spec"]
+    assert predictor["tolerations"] == pod["tolerations"]
+    policy = find(docs, "NetworkPolicy", "mole-serve")["spec"]["podSelector"]["matchLabels"]
+    assert policy.items() <= predictor["labels"].items()  # the NetworkPolicies still select its pods
+    assert not [r for r in find(docs, "Role", "mole-pipeline")["rules"] if r["apiGroups"] == ["apps"]]
+    assert "needs serve.kserve.deploymentMode=Serverless" in render_error(
+        helm, "--set", "serve.kserve.enabled=true", "--set", "serve.kserve.minReplicas=0"
+    )
+
+
+def test_crd_validation_catches_a_misspelled_field(helm: str) -> None:
+    from tests.crd_schema import crd_errors
+
+    isvc = find(render(helm, "--set", "serve.kserve.enabled=true"), "InferenceService", "mole-serve")
+    isvc["spec"]["predictor"]["minReplica"] = 1
+    isvc["spec"]["predictor"]["containers"][0]["readinesProbe"] = {}
+    errors = crd_errors("kserve-inferenceservice-v1beta1", isvc)
+    assert any("minReplica" in e for e in errors) and any("readinesProbe" in e for e in errors), errors

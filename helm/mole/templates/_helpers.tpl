@@ -126,6 +126,34 @@ Images.
 {{- end }}
 
 {{/*
+The generation container's arguments and environment: one definition for the Deployment and the KServe
+InferenceService, so that both run the same command on the same image.
+*/}}
+{{- define "mole.serve.args" -}}
+{{- $s := .Values.serve -}}
+- serve
+- --model={{ default (printf "models:/%s@%s" $s.model.name $s.model.alias) $s.model.uri }}
+- --host=0.0.0.0
+- --port={{ $s.port }}
+- --max-queue={{ $s.maxQueue }}
+- --concurrency={{ $s.concurrency }}
+- --request-timeout={{ $s.requestTimeout }}
+- --shutdown-timeout={{ $s.shutdownTimeout }}
+{{- if $s.compile }}
+- --compile
+{{- end }}
+{{- end }}
+
+{{- define "mole.serve.env" -}}
+{{ include "mole.trackingEnv" . }}
+- name: HF_HUB_OFFLINE
+  value: "1"
+{{- with .Values.serve.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
 Replicas of the generation Deployment. Waiting for a champion: zero on install, and zero for as long as the
 live object says so (the promote step scales it up); afterwards, with an autoscaler, the live count (the HPA
 owns it); else serve.replicaCount. `helm template` sees no live object.
@@ -255,6 +283,9 @@ Cross-field checks the schema cannot express; each failure names the values to s
 {{- fail (printf "pipelineSubmit.parameters.gpus=%d cannot be scheduled: a node of the GPU pool has gpuPool.gpusPerNode=%d GPUs (more GPUs for stage 1: stage1_launcher=trainjob with stage1_nodes)" (int .) $perNode) }}
 {{- end }}
 {{- end }}
+{{- if and .Values.serve.kserve.enabled (eq .Values.serve.kserve.deploymentMode "RawDeployment") (lt (int .Values.serve.kserve.minReplicas) 1) }}
+{{- fail "serve.kserve.minReplicas=0 (scale to zero) needs serve.kserve.deploymentMode=Serverless (Knative)" }}
+{{- end }}
 {{- with .Values.serve.autoscaling }}
 {{- if and .enabled (gt (int .minReplicas) (int .maxReplicas)) }}
 {{- fail (printf "serve.autoscaling.minReplicas=%d is above serve.autoscaling.maxReplicas=%d" (int .minReplicas) (int .maxReplicas)) }}
@@ -316,7 +347,7 @@ pipelineSubmit.parameters.
 {{- with .Values.gpuPool.nodeSelector }}
 {{- $_ := set $params "node_selector" . }}
 {{- end }}
-{{- if .Values.serve.enabled }}
+{{- if and .Values.serve.enabled (not .Values.serve.kserve.enabled) }}
 {{- $_ := set $params "serve_deployment" (include "mole.serve.fullname" .) }}
 {{- $_ := set $params "serve_replicas" (int .Values.serve.replicaCount) }}
 {{- end }}
