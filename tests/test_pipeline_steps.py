@@ -159,3 +159,14 @@ def test_promotion_rolls_the_service_out_and_scales_it_from_zero() -> None:
     roll_out("mole-serve", "kubeflow", "mole", "4", 2, api=autoscaled)
     assert autoscaled.deployment["spec"]["replicas"] == 5 and "replicas" not in autoscaled.patches[0]["spec"]
     assert autoscaled.deployment["spec"]["template"]["metadata"]["annotations"][VERSION_ANNOTATION] == "mole/4"
+
+
+def test_a_step_without_s3_credentials_names_the_secret() -> None:
+    """The S3 Secret is optional (a workload identity may stand in); when neither gives keys the error says
+    which Secret the step reads them from."""
+    from botocore.exceptions import NoCredentialsError
+
+    from mole.storage import StorageError, _translate
+
+    with pytest.raises(StorageError, match="s3_secret parameter, default mole-s3"), _translate("reading", "s3://b/k"):
+        raise NoCredentialsError()
