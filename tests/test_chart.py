@@ -595,6 +595,15 @@ def test_mlflow_runs_with_the_charts_command_and_helm_test_checks_it(helm: str, 
         FakeServe.ready = 503
         failed = subprocess.run([sys.executable, "-c", script], env=job_env, capture_output=True, text=True)
         assert failed.returncode == 1 and "/readyz (model loaded): 503" in failed.stdout
+        # Waiting for a first champion, the generation Service has no pod: not a failure of the release ...
+        assert {e["name"]: e["value"] for e in test_job["env"] if "value" in e}["MOLE_SERVE_MAY_WAIT"] == "1"
+        nobody = {**job_env, "MOLE_SERVE_URL": f"http://127.0.0.1:{free_port()}", "MOLE_SERVE_MAY_WAIT": "1"}
+        waiting = subprocess.run([sys.executable, "-c", script], env=nobody, capture_output=True, text=True)
+        assert waiting.returncode == 0 and "no pod yet" in waiting.stdout, waiting.stdout + waiting.stderr
+        # ... but it is once the service should be up.
+        nobody.pop("MOLE_SERVE_MAY_WAIT")
+        down = subprocess.run([sys.executable, "-c", script], env=nobody, capture_output=True, text=True)
+        assert down.returncode == 1 and "/healthz: unreachable" in down.stdout
     finally:
         FakeServe.ready = 200
         fake.shutdown()
