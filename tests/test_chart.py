@@ -39,7 +39,8 @@ ALL_ON = [
     "--set", "serve.autoscaling.enabled=true", "--set", "serve.serviceMonitor.enabled=true",
 ]  # fmt: skip
 #: Kinds of CRDs the cluster must have for the options that create them; their schemas are not in
-#: kubernetes-validate, so these objects are checked by the tests that render them.
+#: kubernetes-validate, so these objects are checked against the CRD's own schema (tests/crd_schema.py) by the
+#: tests that render them.
 CRD_KINDS = {"ServiceMonitor"}
 DIGEST = "sha256:" + "ab" * 32
 
@@ -667,6 +668,9 @@ def test_optional_pdb_autoscaler_and_service_monitor(helm: str) -> None:
     (metric,) = hpa["metrics"]
     assert metric["pods"]["metric"]["name"] == "mole_queue_depth"
     assert metric["pods"]["target"] == {"type": "AverageValue", "averageValue": "2"}
+    from tests.crd_schema import crd_errors
+
+    assert crd_errors("prometheus-servicemonitor-v1", find(docs, "ServiceMonitor", "mole-serve")) == []
     monitor = find(docs, "ServiceMonitor", "mole-serve")["spec"]
     service = find(docs, "Service", "mole-serve")
     assert monitor["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
