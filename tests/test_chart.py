@@ -37,6 +37,7 @@ ALL_ON = [
     "--set", "pipelineSubmit.kfpToken.existingSecret=kfp-token", "--set", "mlflow.ingress.enabled=true",
     "--set", "mlflow.ingress.host=mlflow.example.com", "--set", "serve.podDisruptionBudget.enabled=true",
     "--set", "serve.autoscaling.enabled=true", "--set", "serve.serviceMonitor.enabled=true",
+    "--set", "serve.followAliasSeconds=60",
 ]  # fmt: skip
 #: Kinds of CRDs the cluster must have for the options that create them; their schemas are not in
 #: kubernetes-validate, so these objects are checked against the CRD's own schema (tests/crd_schema.py) by the
@@ -460,7 +461,7 @@ def test_chart_passes_only_options_the_mole_cli_accepts(helm: str, tmp_path: Pat
     if not package.is_file():
         package = compile_pipeline(tmp_path / "mole_pipeline.yaml")
     declared = pipeline_parameters(package)
-    for variant in (ALL_ON, example("values-gke-a2-highgpu-8g.yaml")):
+    for variant in (ALL_ON, example("values-gke-a2-highgpu-8g.yaml"), example("values-gke-a2-highgpu-1g.yaml")):
         docs = render(helm, *variant)
         serve_args = container(docs, "Deployment", "mole-serve")["args"]
         assert serve_args[0] == "serve"

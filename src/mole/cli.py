@@ -239,6 +239,14 @@ def serve(
         float, typer.Option(min=0.0, help="On SIGTERM/SIGINT, seconds that requests in flight get to finish.")
     ] = 60.0,
     device: Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda when available).")] = None,
+    follow_alias: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="With models:/NAME@ALIAS: check the alias every SECONDS; when it moved, finish "
+            "requests in flight and exit 75 so the orchestrator restarts on the new version (0: off).",
+        ),
+    ] = 0.0,
 ) -> None:
     """Serve text-to-image over HTTP: POST /v1/generate (mode base, experts or mole), a comparison page at /,
     /healthz, /readyz and Prometheus /metrics."""
@@ -250,7 +258,7 @@ def serve(
     except (ValueError, FileNotFoundError) as err:
         raise _fail(err) from err
     code = run_server(loader, host=host, port=port, settings=settings, description=model,
-                      shutdown_timeout=shutdown_timeout)  # fmt: skip
+                      shutdown_timeout=shutdown_timeout, follow_alias=follow_alias)  # fmt: skip
     if code:
         raise typer.Exit(code=code)
 

@@ -142,6 +142,9 @@ InferenceService, so that both run the same command on the same image.
 {{- if $s.compile }}
 - --compile
 {{- end }}
+{{- if and (gt (int $s.followAliasSeconds) 0) (not $s.model.uri) }}
+- --follow-alias={{ $s.followAliasSeconds }}
+{{- end }}
 {{- end }}
 
 {{- define "mole.serve.env" -}}

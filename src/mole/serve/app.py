@@ -219,6 +219,16 @@ def make_loader(
 
             resolved: str | None = None
 
+            def moved(self) -> str | None:
+                """The version the alias points to now, when that is not the loaded one (see
+                :mod:`mole.serve.follow`); None before loading, for a version URI, or when unchanged."""
+                from mole.tracking import resolve_version
+
+                if self.resolved is None:
+                    return None
+                now = resolve_version(model)
+                return now if now != self.resolved else None
+
             def __call__(self) -> Any:
                 from mole.tracking import load_registered_pipeline, resolve_version
 
@@ -255,12 +265,16 @@ def run_server(
     settings: ServiceSettings | None = None,
     description: str = "",
     shutdown_timeout: float = 60.0,
+    follow_alias: float = 0.0,
 ) -> int:
     """Serve until SIGINT/SIGTERM; requests in flight are finished first (up to ``shutdown_timeout`` s).
 
+    ``follow_alias`` > 0: every that many seconds, check whether the registry alias served (``models:/NAME@ALIAS``)
+    still points to the loaded version; when it moved, stop gracefully (see :mod:`mole.serve.follow`).
+
     Returns:
         0 after a clean shutdown, 1 when the model failed to load (the server stops at once then, so that an
-        orchestrator restarts it and a person sees the error).
+        orchestrator restarts it and a person sees the error), 75 when the alias moved (restart to load it).
     """
     import uvicorn
 
@@ -278,7 +292,25 @@ def run_server(
         app, host=host, port=port, log_config=None, timeout_graceful_shutdown=shutdown_timeout, lifespan="on"
     )
     server = uvicorn.Server(config)
+    moved: list[str] = []
+    follower = None
+    if follow_alias > 0 and hasattr(loader, "moved"):
+        from mole.serve.follow import AliasFollower
+
+        def on_move(version: str) -> None:
+            moved.append(version)
+            server.should_exit = True
+
+        follower = AliasFollower(loader, follow_alias, on_move).start()  # type: ignore[arg-type]
     logger.info("serving %s on http://%s:%d (page at /, API at /v1/generate, docs at /docs)",
                 service.description, host, port)  # fmt: skip
     server.run()
-    return 1 if failed else 0
+    if follower is not None:
+        follower.stop()
+    if failed:
+        return 1
+    if moved:
+        from mole.serve.follow import MOVED_EXIT
+
+        return MOVED_EXIT
+    return 0
