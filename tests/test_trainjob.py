@@ -240,3 +240,33 @@ def test_a_retried_step_adopts_the_existing_job() -> None:
     forbidden = type("ApiException", (Exception,), {"status": 403})("Forbidden: cannot create trainjobs")
     with pytest.raises(TrainJobFailed, match=r"could not create TrainJob .*Forbidden"):
         run_distributed(_spec(), api=FakeApi([COMPLETE], create_error=forbidden), log=lambda line: None)
+
+
+class FollowApi(FakeApi):
+    """Follows logs as the API's ``follow=true`` does: each connection yields the pod's lines since the given
+    second and ends; node-0's first connection drops after one line."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.streams: list[tuple[str, int | None]] = []
+
+    def stream(self, namespace, pod, since_seconds=None):
+        self.streams.append((pod, since_seconds))
+        lines = [
+            (t, text) for t, text in list(self.lines[pod]) if since_seconds is None or t >= self.now - since_seconds
+        ]
+        for i, (t, text) in enumerate(lines):
+            if pod == "node-0" and len(self.streams) == 1 and i == 1:
+                raise ConnectionError("connection reset by peer")
+            yield f"{stamp(t)} {text}"
+
+
+def test_followed_logs_reconnect_from_the_last_line_and_lose_nothing() -> None:
+    api, lines = FollowApi([RUNNING, RUNNING, RUNNING, COMPLETE]), []
+    _run(api, lines)
+    for pod in ("node-0", "node-1"):
+        printed = [line for line in lines if line.startswith(f"[{pod}]")]
+        assert printed == [f"[{pod}] {pod} step {i} {half}" for i in range(4) for half in "ab"], printed
+    assert api.streams, "the logs were not followed"
+    reconnects = [since for pod, since in api.streams if pod == "node-0"][1:]
+    assert reconnects and all(s is not None for s in reconnects)  # from the last line, not the whole log

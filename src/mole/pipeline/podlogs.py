@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -37,13 +38,19 @@ class LogStreams:
     """Incremental, lossless log reading for every pod of a job.
 
     Per pod it remembers the timestamp of the last line printed and how many lines carried exactly that
-    timestamp; each poll asks only for the lines since then (with a margin for clock skew between this pod and
-    the node) and prints those that are newer. Unlike counting lines, this survives a log that shrank (kubelet
-    rotation, a restarted container) and never re-reads a whole log.
+    timestamp. A read starts from there (``sinceSeconds``, with a margin for clock skew between this pod and the
+    node) and prints only newer lines. Unlike counting lines, this survives a log that shrank (kubelet rotation,
+    a restarted container) and never re-reads a whole log.
+
+    With ``follow`` (and an API that has ``stream``), each pod gets a thread that follows its log as it is
+    written (``follow=true``: lines arrive at once, not at the next poll) and reconnects from the last line when
+    the connection drops; :meth:`poll` then only starts followers for new pods. Without it, every
+    :meth:`poll` reads what was added since the last one.
 
     Args:
-        api: Has ``pods(namespace, selector) -> [name]`` and ``logs(namespace, pod, since_seconds=None) -> text``
-            with timestamped lines (:class:`mole.pipeline.trainjob.KubeApi`).
+        api: Has ``pods(namespace, selector) -> [name]``, ``logs(namespace, pod, since_seconds=None) -> text`` and,
+            to follow, ``stream(namespace, pod, since_seconds=None) -> iterator of lines``, all lines timestamped
+            (:class:`mole.pipeline.trainjob.KubeApi`).
         log: Where each new line goes, as ``[pod] line``.
         wall: This process's wall clock (seconds since the epoch).
     """
@@ -51,47 +58,90 @@ class LogStreams:
     MARGIN_S = 10
 
     def __init__(
-        self, api: Any, namespace: str, selector: str, log: Callable[[str], None], wall: Callable[[], float]
-    ) -> None:
+        self, api: Any, namespace: str, selector: str, log: Callable[[str], None], wall: Callable[[], float],
+        follow: bool = False,
+    ) -> None:  # fmt: skip
         self.api, self.namespace, self.selector, self.log, self.wall = api, namespace, selector, log, wall
+        self.follow = follow and hasattr(api, "stream")
         self.last: dict[str, tuple[tuple[float, int], int]] = {}
+        self._lock = threading.Lock()
+        self._followers: dict[str, threading.Thread] = {}
+        self._closed = threading.Event()
+
+    def _since(self, pod: str) -> int | None:
+        last = self.last.get(pod)
+        return None if last is None else max(1, math.ceil(self.wall() - last[0][0]) + self.MARGIN_S)
 
     def poll(self) -> None:
-        """Print every pod's lines that were not printed yet (a pod without logs yet is skipped this time)."""
+        """Print every pod's lines that were not printed yet (a pod without logs yet is skipped this time); when
+        following, start a follower for each pod that has none running."""
         try:
             pods = self.api.pods(self.namespace, self.selector)
         except Exception as err:  # listing pods is informational; the job's conditions decide
             logger.debug("listing pods failed: %s", err)
             return
         for pod in sorted(pods):
-            last = self.last.get(pod)
-            since = None if last is None else max(1, math.ceil(self.wall() - last[0][0]) + self.MARGIN_S)
-            try:
-                text = self.api.logs(self.namespace, pod, since_seconds=since)
-            except Exception as err:
-                logger.debug("no logs for %s yet: %s", pod, err)
+            if self.follow:
+                thread = self._followers.get(pod)
+                if thread is None or not thread.is_alive():
+                    thread = threading.Thread(target=self._follow, args=(pod,), name=f"logs-{pod}", daemon=True)
+                    self._followers[pod] = thread
+                    thread.start()
                 continue
-            self._print(pod, text)
+            self.read(pod)
 
-    def _print(self, pod: str, text: str) -> None:
-        last_ts, same = self.last.get(pod, ((float("-inf"), 0), 0))
-        seen_at_last = 0
+    def read(self, pod: str) -> None:
+        """One read of what ``pod`` logged since the last line printed."""
+        try:
+            text = self.api.logs(self.namespace, pod, since_seconds=self._since(pod))
+        except Exception as err:
+            logger.debug("no logs for %s yet: %s", pod, err)
+            return
+        cursor = {"seen": 0}
         for raw in text.splitlines():
-            stamp, _, line = raw.partition(" ")
-            try:
-                ts = parse_timestamp(stamp)
-            except ValueError:  # a line without a timestamp: print it, it cannot be placed
-                self.log(f"[{pod}] {raw}")
-                continue
+            self._print(pod, raw, cursor)
+
+    def _follow(self, pod: str) -> None:
+        """Follow one pod's log until the stream ends (the container exited, or the connection dropped: the next
+        :meth:`poll` reconnects from the last line printed) or :meth:`close`."""
+        cursor = {"seen": 0}
+        try:
+            for raw in self.api.stream(self.namespace, pod, since_seconds=self._since(pod)):
+                if self._closed.is_set():
+                    return
+                self._print(pod, raw, cursor)
+        except Exception as err:
+            logger.debug("following %s stopped: %s", pod, err)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop following; then one last read of every known pod, so that lines a follower had not delivered yet
+        (or that arrived after its stream ended) are printed too."""
+        self._closed.set()
+        for thread in self._followers.values():
+            thread.join(timeout)
+        for pod in sorted(self._followers):
+            self.read(pod)
+
+    def _print(self, pod: str, raw: str, cursor: dict[str, int]) -> None:
+        """Print ``raw`` unless it is at or before the last line printed. ``cursor`` counts, for one read or one
+        connection, the lines seen at the last timestamp, to tell a line read again from a new one that carries
+        the same timestamp."""
+        stamp, _, line = raw.partition(" ")
+        try:
+            ts = parse_timestamp(stamp)
+        except ValueError:  # a line without a timestamp: print it, it cannot be placed
+            self.log(f"[{pod}] {raw}")
+            return
+        with self._lock:
+            last_ts, same = self.last.get(pod, ((float("-inf"), 0), 0))
             if ts < last_ts:
-                continue
+                return
             if ts == last_ts:
-                seen_at_last += 1
-                if seen_at_last <= same:
-                    continue
+                cursor["seen"] += 1
+                if cursor["seen"] <= same:
+                    return
                 same += 1
             else:
-                last_ts, same, seen_at_last = ts, 1, 1
-            self.log(f"[{pod}] {line}")
-        if last_ts[0] != float("-inf"):
+                last_ts, same, cursor["seen"] = ts, 1, 1
             self.last[pod] = (last_ts, same)
+            self.log(f"[{pod}] {line}")

@@ -5,10 +5,11 @@ The pipeline's stage-1 step calls :func:`run_distributed`: build the manifest, v
 wait for it with a timeout while streaming the pods' logs, and raise :class:`TrainJobFailed` with the reason
 when it fails. The job belongs to the run: it is created with an owner reference to the step's own pod (deleting
 the run's pods deletes it), and a SIGTERM/SIGINT to the step (a cancelled run) deletes it before the step ends,
-so a cancelled run never leaves GPUs busy. Logs are read with timestamps and ``sinceSeconds`` from the last line
-printed (:mod:`mole.pipeline.podlogs`), so a rotated or restarted log loses no line and prints none twice.
-The nodes write into the shared workspace (a ReadWriteMany PVC), where the step then reads
-``result.json``. The Kubernetes API is reached only through :class:`KubeApi`, which tests replace.
+so a cancelled run never leaves GPUs busy. Logs are followed as they are written and placed by timestamp,
+reconnecting with ``sinceSeconds`` from the last line printed (:mod:`mole.pipeline.podlogs`), so a rotated or
+restarted log loses no line and prints none twice. The nodes write into the shared workspace (a ReadWriteMany
+PVC), where the step then reads ``result.json``. The Kubernetes API is reached only through :class:`KubeApi`,
+which tests replace.
 
 Rendezvous: the Trainer's ``torch-distributed`` runtime (and the PyTorchJob operator) set ``PET_NNODES``,
 ``PET_NPROC_PER_NODE``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR`` and ``PET_MASTER_PORT`` (the PyTorchJob operator
@@ -290,6 +291,23 @@ class KubeApi:
         kw = {"since_seconds": since_seconds} if since_seconds else {}
         return self.core.read_namespaced_pod_log(pod, namespace, timestamps=True, **kw)
 
+    def stream(self, namespace: str, pod: str, since_seconds: int | None = None):
+        """Follow the pod's log (``follow=true``, timestamped) line by line until the container ends."""
+        kw = {"since_seconds": since_seconds} if since_seconds else {}
+        response = self.core.read_namespaced_pod_log(pod, namespace, follow=True, timestamps=True,
+                                                     _preload_content=False, **kw)  # fmt: skip
+        pending = b""
+        try:
+            for chunk in response.stream(65536):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    yield line.decode("utf-8", errors="replace")
+            if pending:
+                yield pending.decode("utf-8", errors="replace")
+        finally:
+            response.release_conn()
+
     def pod_uid(self, namespace: str, pod: str) -> str:
         return self.core.read_namespaced_pod(pod, namespace).metadata.uid
 
@@ -340,8 +358,10 @@ def run_distributed(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
     wall: Callable[[], float] = time.time,
+    follow_logs: bool = True,
 ) -> dict[str, Any]:
-    """Create the job, stream its pods' logs, wait until it ends; returns the final object.
+    """Create the job, stream its pods' logs (followed as they are written with ``follow_logs``, else read at
+    every poll), wait until it ends; returns the final object.
 
     A job that already exists (the pipeline step was retried) is adopted, not created again. On timeout, and when
     the step is terminated (SIGTERM/SIGINT: the run was cancelled), the job is deleted, so that it stops holding
@@ -382,7 +402,7 @@ def run_distributed(
             logger.error("could not delete %s %s after %s: %s", kind, spec.name, why, err)
 
     start = clock()
-    streams = LogStreams(api, spec.namespace, selector, log, wall)
+    streams = LogStreams(api, spec.namespace, selector, log, wall, follow=follow_logs)
     with _terminate_on_signals():
         try:
             while True:
@@ -390,9 +410,11 @@ def run_distributed(
                 streams.poll()
                 state, reason = job_state(obj)
                 if state == "succeeded":
+                    streams.close()
                     log(f"{kind} {spec.name} succeeded")
                     return obj
                 if state == "failed":
+                    streams.close()
                     raise TrainJobFailed(f"{kind} {spec.name} failed: {reason or 'no reason given'}")
                 if clock() - start > timeout_s:
                     delete("timeout")
