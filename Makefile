@@ -104,6 +104,8 @@ HELM_SHA256      := 210d576a6dc04b7864af4b5d9a5af58860bbc03d19174ffeddbd29d01d1b
 KUBE_VERSION     ?= 1.33.0
 CHART            := helm/mole
 CHART_OUT        := out/chart
+# Standalone Kubeflow Pipelines runs pipeline pods in "kubeflow", where the chart must then be installed.
+CHART_NAMESPACE  := kubeflow
 IMAGE_REPOSITORY ?= ghcr.io/mole-project
 VERSION          := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 MLFLOW_VERSION   := $(shell sed -n 's/^mlflow\[auth\]==//p' docker/mlflow-requirements.txt)
@@ -123,8 +125,8 @@ chart: $(STAMP) $(HELM)
 	@mkdir -p $(CHART_OUT)
 	@set -e; for values in $(CHART)/values.yaml $(sort $(wildcard $(CHART)/values-*.yaml)); do \
 		name=$$(basename $$values .yaml); \
-		$(HELM) lint --strict --quiet --kube-version $(KUBE_VERSION) $(CHART) -f $$values; \
-		$(HELM) template mole $(CHART) --namespace mole --kube-version $(KUBE_VERSION) -f $$values \
+		$(HELM) lint --strict --quiet --kube-version $(KUBE_VERSION) --namespace $(CHART_NAMESPACE) $(CHART) -f $$values; \
+		$(HELM) template mole $(CHART) --namespace $(CHART_NAMESPACE) --kube-version $(KUBE_VERSION) -f $$values \
 			> $(CHART_OUT)/$$name.yaml; \
 		$(BIN)/kubernetes-validate --strict --quiet --kubernetes-version $(KUBE_VERSION) $(CHART_OUT)/$$name.yaml; \
 		echo "chart: $$name lints, renders and validates against Kubernetes $(KUBE_VERSION)"; \

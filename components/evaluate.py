@@ -7,37 +7,48 @@ from components.constants import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def evaluate_op(
-    model: str, base_model: str, experts: list, prompts: str, workdir: str, scorers: str, scorer_config: str,
-    num_prompts: int, repeats: int, steps: int, parent_run_id: str, tracking_uri: str, experiment: str,
+    model: str, base_model: str, experts: list, prompts: str, workdir: str, scorers: str, scorer_config: dict,
+    num_prompts: int, repeats: int, steps: int, timeouts: dict, parent_run_id: str, tracking_uri: str,
+    experiment: str,
 ) -> str:  # fmt: skip
     """Returns the report (mean ± standard error per scorer) as JSON."""
     from mole.pipeline import steps as mole_steps
 
-    return mole_steps.evaluate(
-        # Tracking off: `model` is the gates file and base + experts + gates are evaluated.
-        model, base_model, experts, model, prompts, workdir, scorers=scorers, scorer_config=scorer_config,
-        num_prompts=num_prompts, repeats=repeats, steps=steps, parent_run_id=parent_run_id,
-        tracking_uri=tracking_uri, experiment=experiment,
-    )  # fmt: skip
+    with mole_steps.deadline("evaluate", timeouts):
+        return mole_steps.evaluate(
+            # Tracking off: `model` is the gates file and base + experts + gates are evaluated.
+            model, base_model, experts, model, prompts, workdir, scorers=scorers, scorer_config=scorer_config,
+            num_prompts=num_prompts, repeats=repeats, steps=steps, parent_run_id=parent_run_id,
+            tracking_uri=tracking_uri, experiment=experiment,
+        )  # fmt: skip
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def evaluate_baseline_op(
-    model: str, prompts: str, workdir: str, scorers: str, scorer_config: str, num_prompts: int, repeats: int,
-    steps: int, parent_run_id: str, tracking_uri: str, experiment: str,
+    model: str, prompts: str, workdir: str, scorers: str, scorer_config: dict, num_prompts: int, repeats: int,
+    steps: int, timeouts: dict, parent_run_id: str, tracking_uri: str, experiment: str,
 ) -> str:  # fmt: skip
     """The stage-1 model alone on the same prompts, seeds and settings: the bar a first MoLE must clear."""
     from mole.pipeline import steps as mole_steps
 
-    return mole_steps.evaluate(
-        model, model, [], "", prompts, workdir, scorers=scorers, scorer_config=scorer_config,
-        num_prompts=num_prompts, repeats=repeats, steps=steps, parent_run_id=parent_run_id,
-        tracking_uri=tracking_uri, experiment=experiment, label="stage 1", output="evaluate-stage1",
-    )  # fmt: skip
+    with mole_steps.deadline("evaluate", timeouts):
+        return mole_steps.evaluate(
+            model, model, [], "", prompts, workdir, scorers=scorers, scorer_config=scorer_config,
+            num_prompts=num_prompts, repeats=repeats, steps=steps, parent_run_id=parent_run_id,
+            tracking_uri=tracking_uri, experiment=experiment, label="stage 1", output="evaluate-stage1",
+        )  # fmt: skip
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def promote_op(metric: str, report: str, model: str, baseline: str, tracking_uri: str, experiment: str) -> str:
+def promote_op(
+    metric: str, report: str, model: str, baseline: str, timeouts: dict, serve_deployment: str, serve_replicas: int,
+    namespace: str, tracking_uri: str, experiment: str,
+) -> str:  # fmt: skip
+    """Promotes ``model``, the version this run registered (never the shared ``candidate`` alias), and rolls the
+    generation service onto it."""
     from mole.pipeline import steps
 
-    return steps.promote(metric, report, model, tracking_uri, experiment, baseline=baseline)
+    with steps.deadline("promote", timeouts):
+        return steps.promote(metric, report, model, tracking_uri, experiment, baseline=baseline,
+                             serve_deployment=serve_deployment, serve_replicas=serve_replicas,
+                             namespace=namespace)  # fmt: skip

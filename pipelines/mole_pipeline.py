@@ -13,9 +13,19 @@ fixed at compile time (one parallel task each): ``build_pipeline({"face": "faces
 ``mole pipeline compile --expert face=faces --expert hand=hands --expert feet=feet``. ``gate_condition``
 (``none``/``timestep``; empty: the config's ``gates.condition``) chooses timestep-aware gates.
 
-Placement (kfp-kubernetes): the GPU steps request ``gpus`` × ``nvidia.com/gpu`` and land on the A100 pool through
-``node_selector`` and ``tolerations`` (JSON parameters), with a memory-backed ``/dev/shm``; every step mounts the
-shared workspace PVC, reads S3 and MLflow credentials from Kubernetes Secrets and endpoints from a ConfigMap.
+Placement (kfp-kubernetes): the training steps request ``gpus`` × ``nvidia.com/gpu`` (at most ``gpus_per_node``,
+checked by ``start``), the evaluations one GPU, and they land on the GPU pool through ``node_selector`` and
+``tolerations`` (dict / list parameters), with a memory-backed ``/dev/shm``; every step mounts the shared workspace
+PVC, reads its MLflow user from a required Secret, S3 keys from an optional one (a workload identity may stand in)
+and endpoints from a required ConfigMap, all in the namespace the run's pods run in.
+
+Promotion rolls the generation service (``serve_deployment``, set by the chart) onto the new champion and scales
+it up from the zero replicas it waits at before the first one.
+
+Caching: only the data steps are cached, and their inputs are exactly what defines a dataset (kind, source, raw
+input, curation config, count, where it is written), never the run's id or folder, so a second run with the same
+data reuses them. Training steps are retried and resume from their checkpoints. ``step_timeouts`` bounds each
+kind of step (seconds; the step ends with exit code 124 and frees its GPUs).
 """
 
 import sys
@@ -53,26 +63,37 @@ MLFLOW_KEYS = {
     "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
     "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
 }
-ENDPOINT_KEYS = {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL": "MLFLOW_S3_ENDPOINT_URL",
-                 "AWS_ENDPOINT_URL_S3": "AWS_ENDPOINT_URL_S3"}  # fmt: skip
+#: The endpoint a step cannot work without (a required ConfigMap key), and those it uses when present.
+REQUIRED_ENDPOINTS = {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"}
+OPTIONAL_ENDPOINTS = {"MLFLOW_S3_ENDPOINT_URL": "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3": "AWS_ENDPOINT_URL_S3"}
+#: Seconds each kind of step may run (the ``step_timeouts`` parameter); a stuck step must not hold its GPUs.
+STEP_TIMEOUTS = {"data": 86400, "evaluate": 86400, "expert": 172800, "gates": 172800, "promote": 3600,
+                 "stage1": 604800}  # fmt: skip
 
 
 def _common(task: dsl.PipelineTask, p: dict, *, cpu: str = "2", memory: str = "8Gi") -> dsl.PipelineTask:
-    """What every step gets: the image, the workspace, credentials from Secrets, endpoints from a ConfigMap."""
+    """What every step gets: the image, the workspace, credentials from Secrets, endpoints from a ConfigMap.
+
+    The MLflow Secret and the ConfigMap's tracking URI are required: without them the pod does not start and
+    Kubernetes names what is missing (a silent fall-back would track into a sqlite file inside the pod). Only the
+    S3 Secret is optional, for clusters where a workload identity on the runner ServiceAccount provides the keys.
+    """
     task.set_container_image(p["image"])
     task.set_cpu_request(cpu).set_memory_request(memory)
     kubernetes.mount_pvc(task, pvc_name=p["workspace_pvc"], mount_path=WORKSPACE_MOUNT)
     kubernetes.use_secret_as_env(task, secret_name=p["s3_secret"], secret_key_to_env=S3_KEYS, optional=True)
-    kubernetes.use_secret_as_env(task, secret_name=p["mlflow_secret"], secret_key_to_env=MLFLOW_KEYS, optional=True)
-    kubernetes.use_config_map_as_env(task, config_map_name=p["config_map"], config_map_key_to_env=ENDPOINT_KEYS,
+    kubernetes.use_secret_as_env(task, secret_name=p["mlflow_secret"], secret_key_to_env=MLFLOW_KEYS, optional=False)
+    kubernetes.use_config_map_as_env(task, config_map_name=p["config_map"], config_map_key_to_env=REQUIRED_ENDPOINTS,
+                                     optional=False)  # fmt: skip
+    kubernetes.use_config_map_as_env(task, config_map_name=p["config_map"], config_map_key_to_env=OPTIONAL_ENDPOINTS,
                                      optional=True)  # fmt: skip
     return task
 
 
-def _gpu(task: dsl.PipelineTask, p: dict) -> dsl.PipelineTask:
-    """A GPU step on the A100 pool."""
+def _gpu(task: dsl.PipelineTask, p: dict, gpus=None) -> dsl.PipelineTask:
+    """A GPU step on the GPU pool: ``gpus`` GPUs (default: the ``gpus`` parameter)."""
     _common(task, p, cpu=p["gpu_cpu"], memory=p["gpu_memory"])
-    task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(p["gpus"])
+    task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(p["gpus"] if gpus is None else gpus)
     kubernetes.add_node_selector_json(task, p["node_selector"])
     kubernetes.add_toleration_json(task, p["tolerations"])
     kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=SHM_SIZE)
@@ -99,9 +120,10 @@ def build_pipeline(
     used only in a resource request into nested DAGs (the exit handler, dsl.If), so as parameters they would not
     resolve.
 
-    ``retries`` is how often the I/O-bound steps (start, data, evaluate, promote, finish) are retried with
-    exponential backoff from 30 s; the local runner uses 0, where a failure is not transient and waiting on the
-    backoff would only delay the error.
+    ``retries`` is how often every step is retried with exponential backoff from 30 s (a preempted node, a
+    restarted tracking server): the I/O-bound ones simply run again, a training step resumes from its newest
+    checkpoint in the run's folder, the multi-node launcher adopts its job. The local runner uses 0, where a
+    failure is not transient and waiting on the backoff would only delay the error.
     """
     experts = dict(experts or DEFAULT_EXPERTS)
     kinds = ["scenes", *dict.fromkeys(experts.values())]
@@ -125,16 +147,18 @@ def build_pipeline(
         gate_condition: str = "",
         prompts: str = "",
         scorers: str = "hps_v1,imagereward",
-        scorer_config: str = "{}",
+        scorer_config: dict = {},  # noqa: B006 - kfp reads the default; it is never mutated
         num_prompts: int = 3000,
         repeats: int = 3,
         eval_steps: int = 25,
         promote_metric: str = "hps_v1",
         image: str = IMAGE,
-        namespace: str = "kubeflow",
+        namespace: str = "",
         workspace: str = WORKSPACE_MOUNT,
         workspace_pvc: str = "mole-workspace",
         gpus: int = 1,
+        gpus_per_node: int = 8,
+        step_timeouts: dict = STEP_TIMEOUTS,
         node_selector: dict = A100_SELECTOR,
         tolerations: list = GPU_TOLERATIONS,
         s3_secret: str = "mole-s3",
@@ -142,6 +166,8 @@ def build_pipeline(
         config_map: str = "mole-config",
         tracking_uri: str = "",
         experiment: str = "",
+        serve_deployment: str = "",
+        serve_replicas: int = 1,
     ) -> None:
         p = {"image": image, "workspace_pvc": workspace_pvc, "s3_secret": s3_secret, "mlflow_secret": mlflow_secret,
              "config_map": config_map, "gpus": gpus, "gpu_cpu": gpu_cpu, "gpu_memory": gpu_memory,
@@ -158,16 +184,19 @@ def build_pipeline(
                       "repeats": repeats, "image": image}  # fmt: skip
             start = start_op(workspace=workspace, job_id=job_id, job_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
                              base_model=base_model, prompts=prompts, scorer_config=scorer_config, params=params,
-                             **track)  # fmt: skip
+                             gpus=gpus, gpus_per_node=gpus_per_node, stage1_launcher=stage1_launcher,
+                             stage1_nodes=stage1_nodes, **track)  # fmt: skip
             _retry(_common(start, p), retries).set_caching_options(False).set_display_name("start")
             run = {"parent_run_id": start.outputs["parent_run_id"], **track}
             workdir, base = start.outputs["workdir"], start.outputs["base_model"]
             data = {}
             for kind in kinds:
-                task = data_op(kind=kind, workdir=workdir, source=data_source, raw_inputs=raw_inputs,
+                # No per-run input (run id, run folder, parent run): the cache key is what defines the dataset.
+                task = data_op(kind=kind, workspace=workspace, source=data_source, raw_inputs=raw_inputs,
                                curate_config=curate_config, count=synthetic_count, data_root=data_root,
-                               **run)  # fmt: skip
-                _retry(_common(task, p, cpu="8", memory="32Gi"), retries).set_display_name(f"data-{kind}")
+                               timeouts=step_timeouts, **track).after(start)  # fmt: skip
+                _retry(_common(task, p, cpu="8", memory="32Gi"), retries).set_caching_options(True)
+                task.set_display_name(f"data-{kind}")
                 data[kind] = task.output
             # Stage 1 and the gates train on the whole human-centric dataset (paper §2): every data step, as
             # NAME=URI entries in one string (kfp resolves the f-string; `mole train --data` splits on ';').
@@ -179,8 +208,8 @@ def build_pipeline(
                                   job_id=job_id, namespace=namespace, image=image, node_selector=node_selector,
                                   tolerations=tolerations, workspace_pvc=workspace_pvc, workspace=workspace,
                                   timeout_s=stage1_timeout_s, s3_secret=s3_secret, mlflow_secret=mlflow_secret,
-                                  **run)  # fmt: skip
-                _gpu(local, p).set_caching_options(False).set_display_name("stage1")
+                                  timeouts=step_timeouts, **run)  # fmt: skip
+                _retry(_gpu(local, p), retries).set_caching_options(False).set_display_name("stage1")
             with dsl.Else(name="stage1-multi-node"):
                 # This pod only launches and follows the TrainJob / PyTorchJob: no GPU of its own.
                 launcher = stage1_op(config=config, data=mixture, base_model=base, workdir=workdir,
@@ -188,38 +217,44 @@ def build_pipeline(
                                      nodes=stage1_nodes, job_id=job_id, namespace=namespace, image=image,
                                      node_selector=node_selector, tolerations=tolerations,
                                      workspace_pvc=workspace_pvc, workspace=workspace, timeout_s=stage1_timeout_s,
-                                     s3_secret=s3_secret, mlflow_secret=mlflow_secret, **run)  # fmt: skip
-                _common(launcher, p, cpu="1", memory="2Gi").set_caching_options(False)
+                                     s3_secret=s3_secret, mlflow_secret=mlflow_secret, timeouts=step_timeouts,
+                                     **run)  # fmt: skip
+                _retry(_common(launcher, p, cpu="1", memory="2Gi"), retries).set_caching_options(False)
                 launcher.set_display_name("stage1-launch-trainjob")
             stage1 = dsl.OneOf(local.output, launcher.output)
 
             expert_specs = []
             for name_, kind in experts.items():
                 task = expert_op(name=name_, config=config, data=data[kind], base_model=stage1, workdir=workdir,
-                                 max_steps=expert_max_steps, gpus=gpus, **run)  # fmt: skip
-                _gpu(task, p).set_caching_options(False).set_display_name(f"expert-{name_}")
+                                 max_steps=expert_max_steps, gpus=gpus, timeouts=step_timeouts, **run)  # fmt: skip
+                _retry(_gpu(task, p), retries).set_caching_options(False).set_display_name(f"expert-{name_}")
                 expert_specs.append(task.output)
 
             gates = gates_op(config=config, data=mixture, base_model=stage1, experts=expert_specs, gate=gate,
                              gate_condition=gate_condition, workdir=workdir, max_steps=gates_max_steps, gpus=gpus,
-                             **run)  # fmt: skip
-            _gpu(gates, p).set_caching_options(False).set_display_name("gates")
+                             timeouts=step_timeouts, **run)  # fmt: skip
+            _retry(_gpu(gates, p), retries).set_caching_options(False).set_display_name("gates")
 
             evaluation = evaluate_op(model=gates.output, base_model=stage1, experts=expert_specs,
                                      prompts=start.outputs["prompts"], workdir=workdir, scorers=scorers,
                                      scorer_config=start.outputs["scorer_config"], num_prompts=num_prompts,
-                                     repeats=repeats, steps=eval_steps, **run)  # fmt: skip
-            _retry(_gpu(evaluation, p), retries).set_caching_options(False).set_display_name("evaluate")
+                                     repeats=repeats, steps=eval_steps, timeouts=step_timeouts, **run)  # fmt: skip
+            # Evaluation generates one image at a time: one GPU, whatever training used.
+            _retry(_gpu(evaluation, p, gpus=1), retries).set_caching_options(False).set_display_name("evaluate")
 
             # Stage 1 alone on the same prompts and seeds, beside the experts: a first MoLE must beat it.
             baseline = evaluate_baseline_op(model=stage1, prompts=start.outputs["prompts"], workdir=workdir,
                                             scorers=scorers, scorer_config=start.outputs["scorer_config"],
                                             num_prompts=num_prompts, repeats=repeats, steps=eval_steps,
-                                            **run)  # fmt: skip
-            _retry(_gpu(baseline, p), retries).set_caching_options(False).set_display_name("evaluate-stage1")
+                                            timeouts=step_timeouts, **run)  # fmt: skip
+            _retry(_gpu(baseline, p, gpus=1), retries).set_caching_options(False)
+            baseline.set_display_name("evaluate-stage1")
 
+            # `model` is the version this run's gates step registered: promotion never reads the shared alias.
             promote = promote_op(metric=promote_metric, report=evaluation.output, model=gates.output,
-                                 baseline=stage1, **track).after(baseline)  # fmt: skip
+                                 baseline=stage1, timeouts=step_timeouts, serve_deployment=serve_deployment,
+                                 serve_replicas=serve_replicas, namespace=namespace,
+                                 **track).after(baseline)  # fmt: skip
             _retry(_common(promote, p, cpu="1", memory="2Gi"), retries).set_caching_options(False)
             promote.set_display_name("promote")
 

@@ -30,13 +30,20 @@ REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "helm" / "mole"
 EXAMPLES = sorted(p.name for p in CHART.glob("values-*.yaml"))
 KUBE_VERSION = "1.33.0"
-NAMESPACE = "mole"
+NAMESPACE = "kubeflow"  # the default topology: standalone KFP, whose pipeline pods run in "kubeflow"
 #: Every optional part switched on, so that the checks below see every pod the chart can create.
 ALL_ON = [
     "--set", "pipelineSubmit.enabled=true", "--set", "pipelineSubmit.kfpServiceAccountToken=true",
     "--set", "pipelineSubmit.kfpToken.existingSecret=kfp-token", "--set", "mlflow.ingress.enabled=true",
-    "--set", "mlflow.ingress.host=mlflow.example.com",
+    "--set", "mlflow.ingress.host=mlflow.example.com", "--set", "serve.podDisruptionBudget.enabled=true",
+    "--set", "serve.autoscaling.enabled=true", "--set", "serve.serviceMonitor.enabled=true",
+    "--set", "serve.followAliasSeconds=60",
 ]  # fmt: skip
+#: Kinds of CRDs the cluster must have for the options that create them; their schemas are not in
+#: kubernetes-validate, so these objects are checked against the CRD's own schema (tests/crd_schema.py) by the
+#: tests that render them.
+CRD_KINDS = {"ServiceMonitor"}
+DIGEST = "sha256:" + "ab" * 32
 
 
 @pytest.fixture(scope="session")
@@ -50,20 +57,20 @@ def helm() -> str:
     return path
 
 
-def run_helm(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [helm, "template", "mole", str(CHART), "--namespace", NAMESPACE, "--kube-version", KUBE_VERSION, *args]
+def run_helm(helm: str, *args: str, namespace: str = NAMESPACE) -> subprocess.CompletedProcess[str]:
+    cmd = [helm, "template", "mole", str(CHART), "--namespace", namespace, "--kube-version", KUBE_VERSION, *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 
 
-def render(helm: str, *args: str) -> list[dict[str, Any]]:
+def render(helm: str, *args: str, namespace: str = NAMESPACE) -> list[dict[str, Any]]:
     """The manifests of one `helm template` (hooks and `helm test` Jobs included)."""
-    result = run_helm(helm, *args)
+    result = run_helm(helm, *args, namespace=namespace)
     assert result.returncode == 0, result.stderr
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
-def render_error(helm: str, *args: str) -> str:
-    result = run_helm(helm, *args)
+def render_error(helm: str, *args: str, namespace: str = NAMESPACE) -> str:
+    result = run_helm(helm, *args, namespace=namespace)
     assert result.returncode != 0, "the chart rendered values it should refuse"
     return result.stderr
 
@@ -108,7 +115,8 @@ def test_renders_valid_kubernetes_objects(helm: str, variant: str) -> None:
     kinds = {d["kind"] for d in docs}
     assert {"Deployment", "Service", "ServiceAccount", "Role", "RoleBinding", "NetworkPolicy", "Job"} <= kinds
     for doc in docs:
-        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+        if doc["kind"] not in CRD_KINDS:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
 
 
 def test_strict_validation_catches_a_misspelled_field(helm: str) -> None:
@@ -146,14 +154,76 @@ def test_gpu_pods_request_gpus_on_the_configured_pool(helm: str) -> None:
             assert all("nvidia.com/gpu" not in str(c.get("resources")) for c in pod["containers"]), name
 
 
-def test_gke_example_targets_the_a100_pool(helm: str) -> None:
-    docs = render(helm, *example("values-gke-a100.yaml"))
+@pytest.mark.parametrize(("machine", "per_node"), [("a2-highgpu-8g", 8), ("a2-highgpu-1g", 1)])
+def test_gke_examples_ask_what_their_nodes_have(helm: str, machine: str, per_node: int) -> None:
+    """Every GPU request of the example fits one node of its machine type (a2-highgpu-1g has one GPU: a pod that
+    asks 8 there is never scheduled)."""
+    docs = render(helm, *example(f"values-gke-{machine}.yaml"), namespace="kubeflow")
     spec = find(docs, "Deployment", "mole-serve")["spec"]["template"]["spec"]
-    assert spec["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-tesla-a100"}
+    assert spec["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-tesla-a100",
+                                    "node.kubernetes.io/instance-type": machine}  # fmt: skip
     assert {"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"} in spec[
         "tolerations"
     ]
-    assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] <= per_node
+    args = container(docs, "Job", "mole-pipeline-submit")["args"]
+    params = dict(a.split("=", 1) for a in args[2:] if not a.startswith("--"))
+    assert int(params["gpus"]) <= per_node and params["gpus_per_node"] == str(per_node)
+    assert int(params["gpus"]) * int(params["stage1_nodes"]) >= 8  # stage 1 still gets 8+ GPUs, over nodes
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--set", "gpuPool.gpusPerNode=1", "--set", "serve.gpu.count=2"],
+         "serve.gpu.count=2 cannot be scheduled: a node of the GPU pool has gpuPool.gpusPerNode=1"),
+        (["--set", "gpuPool.gpusPerNode=1", "--set", "pipelineSubmit.enabled=true",
+          "--set", "pipelineSubmit.parameters.gpus=8"],
+         "pipelineSubmit.parameters.gpus=8 cannot be scheduled"),
+    ],
+)  # fmt: skip
+def test_gpu_counts_a_node_cannot_give_are_refused(helm: str, args: list[str], expected: str) -> None:
+    assert expected in render_error(helm, *args)
+
+
+# --- namespaces: the chart goes where Kubeflow Pipelines runs the pipeline's pods -----------------------------
+
+
+def test_standalone_kfp_topology(helm: str) -> None:
+    """Standalone KFP runs every pipeline pod in "kubeflow" as pipeline-runner: the release lives there, the Role
+    is bound to pipeline-runner there, and the claim, ConfigMap and MLflow URI are all in that namespace."""
+    docs = render(helm, "--set", "pipelineSubmit.enabled=true", namespace="kubeflow")
+    subjects = find(docs, "RoleBinding", "mole-pipeline")["subjects"]
+    assert ("pipeline-runner", "kubeflow") in {(s["name"], s["namespace"]) for s in subjects}
+    assert find(docs, "ConfigMap", "mole-config")["data"]["MLFLOW_TRACKING_URI"].startswith(
+        "http://mole-mlflow.kubeflow.svc:"
+    )
+    args = container(docs, "Job", "mole-pipeline-submit")["args"]
+    assert "namespace=kubeflow" in args and not any(a.startswith("--namespace") for a in args)
+    # MLflow admits the release namespace: the pipeline's pods are in it.
+    assert find(docs, "NetworkPolicy", "mole-mlflow")["spec"]["ingress"][0]["from"][0] == {"podSelector": {}}
+    error = render_error(helm, namespace="mole")
+    assert 'standalone Kubeflow Pipelines runs the pipeline\'s pods in namespace "kubeflow"' in error
+    assert "install with -n kubeflow" in error
+
+
+def test_multi_user_kfp_topology(helm: str) -> None:
+    """Multi-user KFP runs a user's pipeline pods in their profile namespace as default-editor: the release goes
+    into the profile namespace and submits there."""
+    docs = render(helm, *example("values-gke-a2-highgpu-1g.yaml"), namespace="team-vision")
+    subjects = find(docs, "RoleBinding", "mole-pipeline")["subjects"]
+    assert {(s["name"], s["namespace"]) for s in subjects} == {
+        ("mole", "team-vision"),
+        ("default-editor", "team-vision"),
+    }
+    args = container(docs, "Job", "mole-pipeline-submit")["args"]
+    assert "--namespace=team-vision" in args and "namespace=team-vision" in args
+    assert find(docs, "ConfigMap", "mole-config")["data"]["MLFLOW_TRACKING_URI"].startswith(
+        "http://mole-mlflow.team-vision.svc:"
+    )
+    error = render_error(helm, *example("values-gke-a2-highgpu-1g.yaml"), "--set", "pipelineSubmit.namespace=other",
+                         namespace="team-vision")  # fmt: skip
+    assert 'pipelineSubmit.namespace "other"' in error and 'the release namespace "team-vision"' in error
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -256,9 +326,12 @@ def test_mlflow_defaults_sqlite_on_a_volume_with_basic_auth_and_allowed_hosts(he
     assert "--backend-store-uri=sqlite:////mlflow/data/mlflow.db" in args
     assert "--artifacts-destination=/mlflow/artifacts" in args
     (hosts,) = [a.split("=", 1)[1].split(",") for a in args if a.startswith("--allowed-hosts=")]
-    assert {"mole-mlflow", "mole-mlflow:*", "mole-mlflow.mole.svc:*", "mole-mlflow.mole.svc.cluster.local:*"} <= set(
-        hosts
-    )
+    assert {
+        "mole-mlflow",
+        "mole-mlflow:*",
+        f"mole-mlflow.{NAMESPACE}.svc:*",
+        f"mole-mlflow.{NAMESPACE}.svc.cluster.local:*",
+    } <= set(hosts)
     env = env_of(c)
     assert env["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
         "name": "mole-mlflow-auth",
@@ -300,7 +373,7 @@ def test_generation_service_serves_the_alias_with_probes(helm: str) -> None:
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert c["startupProbe"]["httpGet"]["path"] == "/healthz"
-    assert env_of(c)["MLFLOW_TRACKING_URI"]["value"] == "http://mole-mlflow.mole.svc:5000"
+    assert env_of(c)["MLFLOW_TRACKING_URI"]["value"] == f"http://mole-mlflow.{NAMESPACE}.svc:5000"
     pod = find(docs, "Deployment", "mole-serve")["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] > 60  # longer than --shutdown-timeout
     by_uri = container(render(helm, "--set", "serve.model.uri=/models/mole"), "Deployment", "mole-serve")
@@ -308,7 +381,7 @@ def test_generation_service_serves_the_alias_with_probes(helm: str) -> None:
 
 
 def test_rbac_lets_pipeline_runs_launch_training_jobs_and_read_logs(helm: str) -> None:
-    docs = render(helm, "--set", "rbac.extraServiceAccounts={pipeline-runner}")
+    docs = render(helm, "--set", "rbac.extraServiceAccounts={pipeline-runner,trainer}")
     rules = find(docs, "Role", "mole-pipeline")["rules"]
 
     def verbs(group: str, resource: str) -> set[str]:
@@ -320,7 +393,12 @@ def test_rbac_lets_pipeline_runs_launch_training_jobs_and_read_logs(helm: str) -
     assert verbs("", "pods") == verbs("", "pods/log") == {"get", "list", "watch"}
     assert not any("*" in r["verbs"] or "*" in r["resources"] for r in rules)
     subjects = find(docs, "RoleBinding", "mole-pipeline")["subjects"]
-    assert {(s["name"], s["namespace"]) for s in subjects} == {("mole", NAMESPACE), ("pipeline-runner", NAMESPACE)}
+    assert {(s["name"], s["namespace"]) for s in subjects} == {
+        ("mole", NAMESPACE),
+        ("pipeline-runner", NAMESPACE),
+        ("trainer", NAMESPACE),
+    }
+    assert len(subjects) == 3  # the runner account is bound once, whether or not it is also listed
     rules = find(render(helm, "--set", "rbac.pytorchJobs=false"), "Role", "mole-pipeline")["rules"]
     assert not [r for r in rules if "pytorchjobs" in r["resources"]]
 
@@ -340,9 +418,14 @@ def test_network_policies_fence_mlflow_and_the_gpu_pods(helm: str) -> None:
 
 
 def test_pipeline_submit_job_passes_the_release_settings(helm: str) -> None:
-    docs = render(helm, *example("values-gke-a100.yaml"), "--set", "pipelineSubmit.parameters.gpus=4")
+    docs = render(helm, *example("values-gke-a2-highgpu-8g.yaml"), "--set", "pipelineSubmit.parameters.gpus=4")
     job = find(docs, "Job", "mole-pipeline-submit")
-    assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    # An upgrade does not start a training run unless asked to.
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install"
+    again = render(helm, *example("values-gke-a2-highgpu-8g.yaml"), "--set", "pipelineSubmit.onUpgrade=true")
+    assert find(again, "Job", "mole-pipeline-submit")["metadata"]["annotations"]["helm.sh/hook"] == (
+        "post-install,post-upgrade"
+    )
     c = job["spec"]["template"]["spec"]["containers"][0]
     assert c["args"][:2] == ["pipeline", "submit"]
     assert "--host=http://ml-pipeline.kubeflow.svc.cluster.local:8888" in c["args"]
@@ -353,7 +436,7 @@ def test_pipeline_submit_job_passes_the_release_settings(helm: str) -> None:
     assert params["gpus"] == "4"  # values win over the example's 8
     assert json.loads(params["raw_inputs"])["faces"] == "s3://my-project-mole-data/raw/faces"
     config = find(docs, "ConfigMap", "mole-config")["data"]
-    assert config["MLFLOW_TRACKING_URI"] == "http://mole-mlflow.mole.svc:5000"
+    assert config["MLFLOW_TRACKING_URI"] == f"http://mole-mlflow.{NAMESPACE}.svc:5000"
     assert config["MLFLOW_S3_ENDPOINT_URL"] == "https://storage.googleapis.com"
     assert not [d for d in render(helm) if d["kind"] == "Job" and "submit" in d["metadata"]["name"]]
 
@@ -378,7 +461,7 @@ def test_chart_passes_only_options_the_mole_cli_accepts(helm: str, tmp_path: Pat
     if not package.is_file():
         package = compile_pipeline(tmp_path / "mole_pipeline.yaml")
     declared = pipeline_parameters(package)
-    for variant in (ALL_ON, example("values-gke-a100.yaml")):
+    for variant in (ALL_ON, example("values-gke-a2-highgpu-8g.yaml"), example("values-gke-a2-highgpu-1g.yaml")):
         docs = render(helm, *variant)
         serve_args = container(docs, "Deployment", "mole-serve")["args"]
         assert serve_args[0] == "serve"
@@ -500,7 +583,7 @@ def test_mlflow_runs_with_the_charts_command_and_helm_test_checks_it(helm: str, 
         assert http_status(api, admin) == 200
         assert http_status(api, ("admin", "wrong-password-123")) == 401
         assert http_status(api, admin, host="attacker.example:5000") == 403
-        assert http_status(api, admin, host="mole-mlflow.mole.svc:5000") == 200
+        assert http_status(api, admin, host=f"mole-mlflow.{NAMESPACE}.svc:5000") == 200
 
         test_job = container(docs, "Job", "mole-test")
         script = test_job["args"][0]
@@ -514,6 +597,15 @@ def test_mlflow_runs_with_the_charts_command_and_helm_test_checks_it(helm: str, 
         FakeServe.ready = 503
         failed = subprocess.run([sys.executable, "-c", script], env=job_env, capture_output=True, text=True)
         assert failed.returncode == 1 and "/readyz (model loaded): 503" in failed.stdout
+        # Waiting for a first champion, the generation Service has no pod: not a failure of the release ...
+        assert {e["name"]: e["value"] for e in test_job["env"] if "value" in e}["MOLE_SERVE_MAY_WAIT"] == "1"
+        nobody = {**job_env, "MOLE_SERVE_URL": f"http://127.0.0.1:{free_port()}", "MOLE_SERVE_MAY_WAIT": "1"}
+        waiting = subprocess.run([sys.executable, "-c", script], env=nobody, capture_output=True, text=True)
+        assert waiting.returncode == 0 and "no pod yet" in waiting.stdout, waiting.stdout + waiting.stderr
+        # ... but it is once the service should be up.
+        nobody.pop("MOLE_SERVE_MAY_WAIT")
+        down = subprocess.run([sys.executable, "-c", script], env=nobody, capture_output=True, text=True)
+        assert down.returncode == 1 and "/healthz: unreachable" in down.stdout
     finally:
         FakeServe.ready = 200
         fake.shutdown()
@@ -531,3 +623,105 @@ def _up(uri: str) -> bool:
         return True
     except OSError:
         return False
+
+
+# --- images by digest, serving that waits for its champion, optional scaling and monitoring --------------------
+
+
+def test_images_by_digest_everywhere(helm: str) -> None:
+    """A digest pins every mole pod and the pipeline's steps (the submit Job passes it as `image`)."""
+    docs = render(helm, "--set", f"image.digest={DIGEST}", "--set", f"mlflow.image.digest={DIGEST}",
+                  "--set", "pipelineSubmit.enabled=true")  # fmt: skip
+    mole_image = f"ghcr.io/mole-project/mole@{DIGEST}"
+    assert container(docs, "Deployment", "mole-serve")["image"] == mole_image
+    assert container(docs, "Deployment", "mole-mlflow")["image"] == f"ghcr.io/mole-project/mole-mlflow@{DIGEST}"
+    submit = container(docs, "Job", "mole-pipeline-submit")
+    assert submit["image"] == mole_image and f"image={mole_image}" in submit["args"]
+    assert "at '/image/digest'" in render_error(helm, "--set", "image.digest=latest")
+
+
+def test_serving_waits_for_a_champion_without_gpus(helm: str) -> None:
+    """Before the first champion the Deployment has no pod (so none holds a GPU); the promote step, allowed to
+    get and patch that one Deployment, scales it up and rolls it onto each new champion."""
+    docs = render(helm, "--set", "serve.replicaCount=3", "--set", "pipelineSubmit.enabled=true")
+    assert find(docs, "Deployment", "mole-serve")["spec"]["replicas"] == 0
+    args = container(docs, "Job", "mole-pipeline-submit")["args"]
+    assert "serve_deployment=mole-serve" in args and "serve_replicas=3" in args
+    rules = find(docs, "Role", "mole-pipeline")["rules"]
+    (apps,) = [r for r in rules if r["apiGroups"] == ["apps"]]
+    assert apps == {"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": ["mole-serve"],
+                    "verbs": ["get", "patch"]}  # fmt: skip
+    eager = render(helm, "--set", "serve.replicaCount=3", "--set", "serve.waitForChampion=false")
+    assert find(eager, "Deployment", "mole-serve")["spec"]["replicas"] == 3
+    assert "--compile" not in container(eager, "Deployment", "mole-serve")["args"]
+    compiled = render(helm, "--set", "serve.compile=true")
+    assert "--compile" in container(compiled, "Deployment", "mole-serve")["args"]
+
+
+def test_optional_pdb_autoscaler_and_service_monitor(helm: str) -> None:
+    assert not {"PodDisruptionBudget", "HorizontalPodAutoscaler", "ServiceMonitor"} & {d["kind"] for d in render(helm)}
+    docs = render(helm, *ALL_ON)
+    labels = find(docs, "Deployment", "mole-serve")["spec"]["template"]["metadata"]["labels"]
+    pdb = find(docs, "PodDisruptionBudget", "mole-serve")["spec"]
+    assert pdb["maxUnavailable"] == 1 and pdb["selector"]["matchLabels"].items() <= labels.items()
+    hpa = find(docs, "HorizontalPodAutoscaler", "mole-serve")["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "mole-serve"}
+    (metric,) = hpa["metrics"]
+    assert metric["pods"]["metric"]["name"] == "mole_queue_depth"
+    assert metric["pods"]["target"] == {"type": "AverageValue", "averageValue": "2"}
+    from tests.crd_schema import crd_errors
+
+    assert crd_errors("prometheus-servicemonitor-v1", find(docs, "ServiceMonitor", "mole-serve")) == []
+    monitor = find(docs, "ServiceMonitor", "mole-serve")["spec"]
+    service = find(docs, "Service", "mole-serve")
+    assert monitor["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["endpoints"][0]["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert "minReplicas=5 is above" in render_error(helm, "--set", "serve.autoscaling.enabled=true",
+                                                    "--set", "serve.autoscaling.minReplicas=5")  # fmt: skip
+    assert "additional properties 'maxUnavailabel' not allowed" in render_error(
+        helm, "--set", "serve.podDisruptionBudget.maxUnavailabel=1"
+    )
+
+
+# --- KServe --------------------------------------------------------------------------------------------------------
+
+
+def test_kserve_inference_service_runs_the_same_container(helm: str) -> None:
+    """The InferenceService option: valid against KServe's own CRD schema (strict), the same image, command,
+    environment and GPU placement as the Deployment it replaces."""
+    import kubernetes_validate
+    from tests.crd_schema import crd_errors
+
+    plain = render(helm)
+    docs = render(helm, "--set", "serve.kserve.enabled=true", "--set", "serve.compile=true")
+    assert not [d for d in docs if d["kind"] in {"Deployment", "Service"} and d["metadata"]["name"] == "mole-serve"]
+    isvc = find(docs, "InferenceService", "mole-serve")
+    assert crd_errors("kserve-inferenceservice-v1beta1", isvc) == []
+    for doc in docs:
+        if doc["kind"] != "InferenceService":
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+    predictor = isvc["spec"]["predictor"]
+    (c,) = predictor["containers"]
+    deployed = container(plain, "Deployment", "mole-serve")
+    assert c["image"] == deployed["image"]
+    assert c["args"] == [*deployed["args"], "--compile"]
+    assert c["env"] == deployed["env"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    pod = find(plain, "Deployment", "mole-serve")["spec"]["template"]["spec"]
+    assert predictor["tolerations"] == pod["tolerations"]
+    policy = find(docs, "NetworkPolicy", "mole-serve")["spec"]["podSelector"]["matchLabels"]
+    assert policy.items() <= predictor["labels"].items()  # the NetworkPolicies still select its pods
+    assert not [r for r in find(docs, "Role", "mole-pipeline")["rules"] if r["apiGroups"] == ["apps"]]
+    assert "needs serve.kserve.deploymentMode=Serverless" in render_error(
+        helm, "--set", "serve.kserve.enabled=true", "--set", "serve.kserve.minReplicas=0"
+    )
+
+
+def test_crd_validation_catches_a_misspelled_field(helm: str) -> None:
+    from tests.crd_schema import crd_errors
+
+    isvc = find(render(helm, "--set", "serve.kserve.enabled=true"), "InferenceService", "mole-serve")
+    isvc["spec"]["predictor"]["minReplica"] = 1
+    isvc["spec"]["predictor"]["containers"][0]["readinesProbe"] = {}
+    errors = crd_errors("kserve-inferenceservice-v1beta1", isvc)
+    assert any("minReplica" in e for e in errors) and any("readinesProbe" in e for e in errors), errors

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,8 @@ from mole.pipeline.run import compile_pipeline, parse_experts, parse_params, pip
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "pipelines" / "mole_pipeline.yaml"
 GPU_TASKS = {"stage1", "expert-face", "expert-hand", "gates", "evaluate", "evaluate-stage1"}
+ONE_GPU_TASKS = {"evaluate", "evaluate-stage1"}  # generation needs one GPU whatever training used
+TRAINING_TASKS = {"stage1", "stage1-launch-trainjob", "expert-face", "expert-hand", "gates"}
 
 
 @pytest.fixture(autouse=True)
@@ -92,7 +96,10 @@ def test_gpu_steps_are_placed_on_the_a100_pool() -> None:
         container = spec["deploymentSpec"]["executors"][executor]["container"]
         accel = container["resources"]["accelerator"]
         assert accel["resourceType"] == "nvidia.com/gpu", name
-        assert "gpus" in accel["resourceCount"], name  # the `gpus` pipeline parameter
+        if name in ONE_GPU_TASKS:
+            assert accel["resourceCount"] == "1", name
+        else:
+            assert "gpus" in accel["resourceCount"], name  # the `gpus` pipeline parameter
         k8s = executors[executor]
         assert "node_selector" in k8s["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"], name
         assert "tolerations" in k8s["tolerations"][0]["tolerationJson"]["componentInputParameter"], name
@@ -111,6 +118,13 @@ def test_secrets_are_referenced_never_inlined() -> None:
     for executor, k8s in executors.items():
         names = {s["secretNameParameter"]["componentInputParameter"] for s in k8s["secretAsEnv"]}
         assert any("s3_secret" in n for n in names) and any("mlflow_secret" in n for n in names), executor
+        # Required: the MLflow user and the tracking URI (no silent fall-back to a pod-local store). Optional:
+        # the S3 keys (a workload identity may stand in) and the S3 endpoints.
+        optional = {s["secretNameParameter"]["componentInputParameter"]: s.get("optional", False)
+                    for s in k8s["secretAsEnv"]}  # fmt: skip
+        assert {("s3" in n, o) for n, o in optional.items()} == {(True, True), (False, False)}, executor
+        maps = {e["envVar"]: c.get("optional", False) for c in k8s["configMapAsEnv"] for e in c["keyToEnv"]}
+        assert maps == {"MLFLOW_TRACKING_URI": False, "MLFLOW_S3_ENDPOINT_URL": True, "AWS_ENDPOINT_URL_S3": True}
         envs = {e["envVar"] for s in k8s["secretAsEnv"] for e in s["keyToEnv"]}
         assert {"AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD"} <= envs
         assert k8s["pvcMount"][0]["mountPath"] == "/workspace"
@@ -127,8 +141,15 @@ def test_caching_and_retries() -> None:
                  "evaluate-stage1", "promote", "start"):  # fmt: skip
         assert tasks[name][0]["cachingOptions"].get("enableCache") is not True, f"{name} must not be cached"
     for name in ("data-scenes", "data-faces", "data-hands"):
-        assert tasks[name][0]["cachingOptions"]["enableCache"] is True
-    for name in ("data-scenes", "evaluate", "evaluate-stage1", "promote", "start", "finish"):
+        task = tasks[name][0]
+        assert task["cachingOptions"]["enableCache"] is True
+        # The cache key is the task's inputs: nothing that differs from run to run may be among them.
+        inputs = task["inputs"]["parameters"]
+        assert not {"workdir", "parent_run_id", "job_id"} & set(inputs), name
+        assert not any("taskOutputParameter" in v for v in inputs.values()), name
+        assert not any("PIPELINE_JOB" in json.dumps(v) or "pipelinejob" in json.dumps(v).lower()
+                       for v in inputs.values()), name  # fmt: skip
+    for name in ("data-scenes", "evaluate", "evaluate-stage1", "promote", "start", "finish", *TRAINING_TASKS):
         assert tasks[name][0]["retryPolicy"]["maxRetryCount"] == 3, name
 
 
@@ -148,6 +169,11 @@ def test_one_parallel_expert_task_per_listed_expert(tmp_path: Path) -> None:
 
 def test_parameters_are_typed() -> None:
     declared = pipeline_parameters(PACKAGE)
+    # `kfp run create` decodes JSON parameter values: structured parameters must be dicts / lists, not JSON text.
+    for name in ("scorer_config", "raw_inputs", "node_selector", "step_timeouts"):
+        assert declared[name]["parameterType"] == "STRUCT", name
+    assert declared["tolerations"]["parameterType"] == "LIST"
+    assert declared["step_timeouts"]["defaultValue"]["stage1"] > 0
     params = parse_params(["stage1_max_steps=5", 'node_selector={"pool": "a100"}', "gate=local",
                            'tolerations=[{"key": "k", "operator": "Exists"}]'], declared)  # fmt: skip
     assert params == {"stage1_max_steps": 5, "node_selector": {"pool": "a100"}, "gate": "local",
@@ -206,3 +232,26 @@ def test_stage1_and_gates_train_on_every_data_step() -> None:
         assert {v.split("'")[1] for v in entries.values()} == data_outputs
     expert = tasks["expert-face"][0]["inputs"]["parameters"]["data"]
     assert "componentInputParameter" in expert or "taskOutputParameter" in expert  # experts: their own kind only
+
+
+def test_components_can_pin_the_image_by_digest(tmp_path: Path) -> None:
+    from components.constants import image_reference
+
+    digest = "sha256:" + "0f" * 32
+    assert image_reference({"MOLE_IMAGE_DIGEST": digest}) == f"ghcr.io/mole-project/mole@{digest}"
+    assert image_reference({}).startswith("ghcr.io/mole-project/mole:")
+    with pytest.raises(ValueError, match="MOLE_IMAGE_DIGEST"):
+        image_reference({"MOLE_IMAGE_DIGEST": "latest"})
+    # Compiled with the digest: every step and the `image` parameter's default carry it.
+    env = {**os.environ, "MOLE_IMAGE_DIGEST": digest}
+    env.pop("MOLE_IMAGE", None)
+    out = tmp_path / "pinned.yaml"
+    subprocess.run([sys.executable, "-m", "mole", "pipeline", "compile", "--output", str(out)], cwd=ROOT, env=env,
+                   check=True, capture_output=True)  # fmt: skip
+    spec, _ = _load(out)
+    assert (
+        spec["root"]["inputDefinitions"]["parameters"]["image"]["defaultValue"]
+        == f"ghcr.io/mole-project/mole@{digest}"
+    )
+    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+    assert all(digest in i or "image" in i for i in images), images

@@ -367,7 +367,8 @@ def test_serves_a_registered_model_by_its_alias(tiny_model_dir: Path, mole_files
         assert c.get("/readyz").json()["modes"] == ["base", "experts", "mole"]
         r = c.post("/v1/generate", json={"prompt": "a face", "return_gates": True, **FAST})
         assert r.status_code == 200 and r.json()["gates"]["experts"] == ["face", "hand"]
-        assert c.get("/v1/info").json()["model"] == "models:/mole@champion"
+        info = c.get("/v1/info").json()
+        assert info["model"] == "models:/mole@champion" and info["model_version"] == "models:/mole/1"
 
 
 # --- the command ----------------------------------------------------------------------------------------------------

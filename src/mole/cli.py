@@ -241,6 +241,14 @@ def serve(
         float, typer.Option(min=0.0, help="On SIGTERM/SIGINT, seconds that requests in flight get to finish.")
     ] = 60.0,
     device: Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda when available).")] = None,
+    follow_alias: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="With models:/NAME@ALIAS: check the alias every SECONDS; when it moved, finish "
+            "requests in flight and exit 75 so the orchestrator restarts on the new version (0: off).",
+        ),
+    ] = 0.0,
 ) -> None:
     """Serve text-to-image over HTTP: POST /v1/generate (mode base, experts or mole), a comparison page at /,
     /healthz, /readyz and Prometheus /metrics."""
@@ -252,7 +260,7 @@ def serve(
     except (ValueError, FileNotFoundError) as err:
         raise _fail(err) from err
     code = run_server(loader, host=host, port=port, settings=settings, description=model,
-                      shutdown_timeout=shutdown_timeout)  # fmt: skip
+                      shutdown_timeout=shutdown_timeout, follow_alias=follow_alias)  # fmt: skip
     if code:
         raise typer.Exit(code=code)
 
@@ -474,11 +482,15 @@ def promote(
         str | None, typer.Option(help="With no champion yet, the version to beat, e.g. models:/mole-stage1/3.")
     ] = None,
     lower_is_better: Annotated[bool, typer.Option(help="Smaller metric values are better.")] = False,
+    version: Annotated[
+        str | None, typer.Option(help="The version to promote (default: the one the candidate alias points to).")
+    ] = None,
 ) -> None:
     """Move the champion alias to the candidate only if it beats the champion (or the baseline)."""
     from mole import tracking
 
-    moved, why = tracking.promote(metric, name=name, baseline=baseline, higher_is_better=not lower_is_better)
+    moved, why = tracking.promote(metric, name=name, baseline=baseline, higher_is_better=not lower_is_better,
+                                  version=version)  # fmt: skip
     typer.echo(("promoted: " if moved else "not promoted: ") + why)
 
 

@@ -232,7 +232,11 @@ def _storage_error(action: str, uri: str, err: BaseException, client: BaseClient
         else:
             text = f"{code}: {message}"
     elif isinstance(cause, NoCredentialsError | PartialCredentialsError):
-        text = f"no usable S3 credentials ({cause}); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        text = (
+            f"no usable S3 credentials ({cause}); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (pipeline steps "
+            "read them from the Secret named by the pipeline's s3_secret parameter, default mole-s3, unless a "
+            "workload identity on their ServiceAccount stands in)"
+        )
     elif isinstance(cause, ConnectionError | ReadTimeoutError | ConnectionClosedError):
         text = f"S3 endpoint {endpoint} unreachable or not answering, retries exhausted ({type(cause).__name__})"
     else:

@@ -13,9 +13,7 @@ Tracking is on by default: ``MLFLOW_TRACKING_URI`` (default ``sqlite:///mlruns/m
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import io
 import json
 import logging
 import os
@@ -25,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mole.pyfunc import mole_pyfunc, pyfunc_environment
 from mole.storage import StorageError
 
 logger = logging.getLogger(__name__)
@@ -43,10 +42,23 @@ def enabled() -> bool:
     return os.environ.get("MOLE_TRACKING", "on").lower() not in ("0", "off", "false", "no")
 
 
+class TrackingConfigError(RuntimeError):
+    """Tracking is on but this process has nowhere durable to track to; the message names what to set."""
+
+
 def _mlflow():
     import mlflow
 
     if not os.environ.get("MLFLOW_TRACKING_URI"):
+        if os.environ.get("KUBERNETES_SERVICE_HOST"):
+            # In a pod, the local default is a sqlite file that vanishes with the pod: runs and registered
+            # versions would be lost without a word. Refuse instead.
+            raise TrackingConfigError(
+                "MLFLOW_TRACKING_URI is not set in this pod, and tracking into a pod-local sqlite file would lose "
+                "every run with the pod. Pipeline steps read it from the ConfigMap named by the pipeline's "
+                "config_map parameter (the chart's pipeline.configMap.name, default mole-config) and their MLflow "
+                "user from the Secret named by mlflow_secret (default mole-mlflow); or set MOLE_TRACKING=off."
+            )
         Path("mlruns").mkdir(exist_ok=True)
         mlflow.set_tracking_uri(DEFAULT_URI)
     return mlflow
@@ -187,7 +199,7 @@ class StageRun:
             info = self._mlflow.pyfunc.log_model(
                 name="model", python_model=mole_pyfunc(), artifacts={"base": str(model_dir)},
                 model_config={"experts": {}, "gates": False}, registered_model_name=REGISTERED["stage1"],
-                pip_requirements=_requirements(),
+                **pyfunc_environment(),
             )  # fmt: skip
         return self._ref(info, REGISTERED["stage1"])
 
@@ -231,7 +243,7 @@ class StageRun:
             info = self._mlflow.pyfunc.log_model(
                 name="model", python_model=mole_pyfunc(), artifacts=artifacts,
                 model_config={"experts": sorted(experts), "gates": True, "condition": _gate_condition(gates)},
-                registered_model_name=REGISTERED["mole"], pip_requirements=_requirements(),
+                registered_model_name=REGISTERED["mole"], **pyfunc_environment(),
             )  # fmt: skip
         ref = self._ref(info, REGISTERED["mole"])
         _client().set_registered_model_alias(REGISTERED["mole"], alias, ref.version)
@@ -266,6 +278,16 @@ def _lora_file(folder: Path) -> Path:
     raise FileNotFoundError(f"no LoRA weights file in {folder}")
 
 
+def resolve_version(uri: str) -> str:
+    """``models:/NAME@ALIAS`` as the version it points to now (``models:/NAME/7``); other URIs unchanged. Loading
+    the resolved version, not the alias, makes "which model is this" answerable (the service reports it) and
+    immune to the alias moving while the artifacts download."""
+    m = re.fullmatch(r"models:/([^/@]+)@(.+)", uri)
+    if not m:
+        return uri
+    return f"models:/{m[1]}/{_client().get_model_version_by_alias(m[1], m[2]).version}"
+
+
 def load_registered_pipeline(uri: str):  # -> diffusers.StableDiffusionPipeline
     """The generation pipeline of a registered mole model (``models:/mole@champion``, ``models:/mole-stage1/2``)."""
     model = _mlflow().pyfunc.load_model(uri)
@@ -281,9 +303,9 @@ def _system_metrics() -> bool:
 
 
 def _requirements() -> list[str]:
-    from mole import __version__
+    from mole.pyfunc import requirements
 
-    return [f"mole=={__version__}"]
+    return requirements()
 
 
 def result_of(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -386,41 +408,108 @@ def model_metric(name: str, version: str, metric: str) -> float | None:
     return None
 
 
-def promote(metric: str, name: str = "mole", candidate: str = "candidate", champion: str = "champion",
-            baseline: str | None = None, higher_is_better: bool = True) -> tuple[bool, str]:  # fmt: skip
-    """Move ``champion`` to the ``candidate`` version only if it beats the current champion (or, with no
-    champion yet, ``baseline`` — e.g. ``models:/mole-stage1/3``'s score — when given). Returns (moved, why)."""
+def promote(
+    metric: str, name: str = "mole", candidate: str = "candidate", champion: str = "champion",
+    baseline: str | None = None, higher_is_better: bool = True, version: str | None = None,
+) -> tuple[bool, str]:  # fmt: skip
+    """Move ``champion`` to ``version`` (default: the version ``candidate`` points to) only if it beats the current
+    champion (or, with no champion yet, ``baseline`` — e.g. ``models:/mole-stage1/3``'s score — when given).
+
+    A pipeline passes the ``version`` its own gates step registered: the ``candidate`` alias is shared by every
+    run, so two concurrent runs reading it could promote each other's model. MLflow has no compare-and-set on
+    aliases either, so a version that clears the bar is recorded as a contender (a ``mole.promotion.request``
+    tag) and :func:`_settle` points ``champion`` at the best contender, re-reading after each write until a read
+    that follows its own write agrees: whatever the interleaving of concurrent promotions, the last of them
+    leaves ``champion`` on the best-scoring contender, never on a worse one that happened to write last.
+
+    Returns:
+        (moved, why): ``moved`` is True when ``champion`` ends on ``version``.
+    """
     client = _client()
-    try:
-        cand = client.get_model_version_by_alias(name, candidate)
-    except Exception as err:  # MlflowException for a missing alias
-        return False, f"no {name}@{candidate} to promote ({err})"
-    cand_score = model_metric(name, cand.version, metric)
+    if version is None:
+        try:
+            version = client.get_model_version_by_alias(name, candidate).version
+        except Exception as err:  # MlflowException for a missing alias
+            return False, f"no {name}@{candidate} to promote ({err})"
+    version = str(version)
+    cand_score = model_metric(name, version, metric)
     if cand_score is None:
-        return False, f"{name} version {cand.version} has no {metric!r} score; evaluate it first"
-    try:
-        champ = client.get_model_version_by_alias(name, champion)
-        ref_name, ref_version, label = name, champ.version, f"champion (version {champ.version})"
-    except Exception:  # no champion yet
-        champ = None
-        if baseline is None:
-            ref_name = None
-        else:
-            m = re.fullmatch(r"models:/([^/@]+)/(\d+)", baseline)
-            if not m:
-                return False, f"baseline must look like models:/NAME/VERSION, got {baseline!r}"
-            ref_name, ref_version, label = m[1], m[2], f"baseline {baseline}"
-    if champ is not None and champ.version == cand.version:
-        return False, f"version {cand.version} is already {champion}"
+        return False, f"{name} version {version} has no {metric!r} score; evaluate it first"
+    champ = _alias_or_none(name, champion)
+    ref_name: str | None = None
+    if champ is not None:
+        ref_name, ref_version, label = name, champ, f"champion (version {champ})"
+    elif baseline is not None:
+        m = re.fullmatch(r"models:/([^/@]+)/(\d+)", baseline)
+        if not m:
+            return False, f"baseline must look like models:/NAME/VERSION, got {baseline!r}"
+        ref_name, ref_version, label = m[1], m[2], f"baseline {baseline}"
+    if champ == version:
+        return False, f"version {version} is already {champion}"
     if ref_name is not None:
         ref_score = model_metric(ref_name, ref_version, metric)
-        if ref_score is not None:
-            better = cand_score > ref_score if higher_is_better else cand_score < ref_score
-            if not better:
-                return False, (f"candidate version {cand.version} {metric}={cand_score:.4f} does not beat "
-                               f"{label} {metric}={ref_score:.4f}; {champion} left unchanged")  # fmt: skip
-    client.set_registered_model_alias(name, champion, cand.version)
-    return True, f"{champion} -> version {cand.version} ({metric}={cand_score:.4f})"
+        if ref_score is not None and not _better(cand_score, ref_score, higher_is_better):
+            return False, (f"candidate version {version} {metric}={cand_score:.4f} does not beat "
+                           f"{label} {metric}={ref_score:.4f}; {champion} left unchanged")  # fmt: skip
+    import time
+
+    client.set_model_version_tag(name, version, PROMOTION_TAG, f"{metric} {time.time():.0f}")
+    winner, score = _settle(name, champion, metric, higher_is_better, version)
+    if winner != version:
+        return False, (f"candidate version {version} {metric}={cand_score:.4f} cleared the bar, but a concurrent "
+                       f"promotion's version {winner} scores better ({metric}={score:.4f}); "
+                       f"{champion} -> {winner}")  # fmt: skip
+    return True, f"{champion} -> version {version} ({metric}={cand_score:.4f})"
+
+
+#: Tag on a model version that cleared the promotion bar: ``"<metric> <unix time>"`` (see :func:`promote`).
+PROMOTION_TAG = "mole.promotion.request"
+#: Contenders older than this are history, not concurrent promotions: a champion set back by hand (a rollback)
+#: is not undone by the next run's promotion.
+PROMOTION_WINDOW_S = 3600.0
+
+
+def _better(a: float, b: float, higher_is_better: bool) -> bool:
+    return a > b if higher_is_better else a < b
+
+
+def _alias_or_none(name: str, alias: str) -> str | None:
+    try:
+        return str(_client().get_model_version_by_alias(name, alias).version)
+    except Exception:  # MlflowException: no such alias (yet)
+        return None
+
+
+def _settle(
+    name: str, champion: str, metric: str, higher_is_better: bool, mine: str, rounds: int = 20
+) -> tuple[str, float]:
+    """Point ``champion`` at the best of the recent contenders for ``metric`` (``mine`` among them) and the current
+    champion; repeat until a read made after this process's last write finds ``champion`` already on the best.
+    Ties go to the newer version. Returns the winner and its score."""
+    import time
+
+    client = _client()
+    for _ in range(rounds):
+        scored: dict[str, float] = {}
+        for mv in client.search_model_versions(f"name='{name}'"):
+            tag_metric, _, stamp = (mv.tags or {}).get(PROMOTION_TAG, "").partition(" ")
+            recent = stamp.isdigit() and time.time() - int(stamp) < PROMOTION_WINDOW_S
+            if tag_metric == metric and (recent or str(mv.version) == mine):
+                score = model_metric(name, str(mv.version), metric)
+                if score is not None:
+                    scored[str(mv.version)] = score
+        current = _alias_or_none(name, champion)
+        if current is not None and current not in scored:
+            score = model_metric(name, current, metric)
+            if score is not None:
+                scored[current] = score
+        sign = 1.0 if higher_is_better else -1.0
+        best = max(scored, key=lambda v: (sign * scored[v], int(v)))
+        if current == best:
+            return best, scored[best]
+        client.set_registered_model_alias(name, champion, best)
+        time.sleep(0.05)  # let a concurrent writer's alias land before the confirming read
+    raise RuntimeError(f"{name}@{champion} did not settle after {rounds} rounds of concurrent promotions")
 
 
 def alias_version(name: str, alias: str) -> str:
@@ -472,56 +561,6 @@ def format_lineage(chain: list[dict[str, Any]]) -> str:
         for d in step["datasets"]:
             lines.append(f"    dataset {d['name']} digest {d['digest']} ({d['source']})")
     return "\n".join(lines)
-
-
-# --- the MoLE model as a pyfunc ---------------------------------------------------------------------------
-
-
-_PYFUNC: type | None = None
-
-
-def mole_pyfunc() -> Any:
-    """An instance of the text-to-image pyfunc (the class is built on first use, so that importing this
-    module does not import mlflow)."""
-    global _PYFUNC
-    if _PYFUNC is None:
-        import mlflow.pyfunc
-
-        class MolePyfunc(mlflow.pyfunc.PythonModel):
-            """Text-to-image: a DataFrame with a ``prompt`` column (optional ``seed``, ``steps``, ``guidance``,
-            ``width``, ``height``) in; a DataFrame with ``png`` (base64-encoded PNG bytes) out."""
-
-            def load_context(self, context) -> None:
-                from mole.generate import load_pipeline
-
-                cfg = context.model_config or {}
-                experts = {n: context.artifacts[f"expert_{n}"] for n in cfg.get("experts", [])}
-                gates = context.artifacts.get("gates") if cfg.get("gates") else None
-                if gates is not None and Path(gates).is_dir():
-                    gates = str(Path(gates) / "gates.safetensors")
-                self.pipe = load_pipeline(context.artifacts["base"], experts or None, gates)
-
-            def predict(self, context, model_input, params=None):
-                import pandas as pd
-
-                from mole.generate import generate
-
-                rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
-                out = []
-                for row in rows:
-                    result = generate(
-                        self.pipe, [str(row["prompt"])], seed=int(row.get("seed") or 0),
-                        steps=int(row.get("steps") or 25), guidance=float(row.get("guidance") or 7.5),
-                        width=int(row["width"]) if row.get("width") else None,
-                        height=int(row["height"]) if row.get("height") else None,
-                    )  # fmt: skip
-                    buf = io.BytesIO()
-                    result.images[0].save(buf, format="PNG")
-                    out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
-                return pd.DataFrame({"png": out})
-
-        _PYFUNC = MolePyfunc
-    return _PYFUNC()
 
 
 def log_to_run(run_id: str, metrics: Mapping[str, float], artifacts: list[Path], artifact_path: str,

@@ -85,14 +85,96 @@ The name of the ServiceAccount to use.
 {{- end }}
 
 {{/*
+The ServiceAccount Kubeflow Pipelines runs the pipeline's pods as, in the release namespace.
+*/}}
+{{- define "mole.runnerServiceAccount" -}}
+{{- if .Values.kubeflow.runnerServiceAccount }}
+{{- .Values.kubeflow.runnerServiceAccount }}
+{{- else if eq .Values.kubeflow.mode "multiUser" }}
+{{- print "default-editor" }}
+{{- else }}
+{{- print "pipeline-runner" }}
+{{- end }}
+{{- end }}
+
+{{/*
+The Kubeflow profile namespace a multi-user run is submitted to: the release namespace.
+*/}}
+{{- define "mole.kfpNamespace" -}}
+{{- if eq .Values.kubeflow.mode "multiUser" }}
+{{- default .Release.Namespace .Values.pipelineSubmit.namespace }}
+{{- end }}
+{{- end }}
+
+{{/*
 Images.
 */}}
 {{- define "mole.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
 {{- end }}
 
 {{- define "mole.mlflow.image" -}}
+{{- if .Values.mlflow.image.digest }}
+{{- printf "%s@%s" .Values.mlflow.image.repository .Values.mlflow.image.digest }}
+{{- else }}
 {{- printf "%s:%s" .Values.mlflow.image.repository .Values.mlflow.image.tag }}
+{{- end }}
+{{- end }}
+
+{{/*
+The generation container's arguments and environment: one definition for the Deployment and the KServe
+InferenceService, so that both run the same command on the same image.
+*/}}
+{{- define "mole.serve.args" -}}
+{{- $s := .Values.serve -}}
+- serve
+- --model={{ default (printf "models:/%s@%s" $s.model.name $s.model.alias) $s.model.uri }}
+- --host=0.0.0.0
+- --port={{ $s.port }}
+- --max-queue={{ $s.maxQueue }}
+- --concurrency={{ $s.concurrency }}
+- --request-timeout={{ $s.requestTimeout }}
+- --shutdown-timeout={{ $s.shutdownTimeout }}
+{{- if $s.compile }}
+- --compile
+{{- end }}
+{{- if and (gt (int $s.followAliasSeconds) 0) (not $s.model.uri) }}
+- --follow-alias={{ $s.followAliasSeconds }}
+{{- end }}
+{{- end }}
+
+{{- define "mole.serve.env" -}}
+{{ include "mole.trackingEnv" . }}
+- name: HF_HUB_OFFLINE
+  value: "1"
+{{- with .Values.serve.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Replicas of the generation Deployment. Waiting for a champion: zero on install, and zero for as long as the
+live object says so (the promote step scales it up); afterwards, with an autoscaler, the live count (the HPA
+owns it); else serve.replicaCount. `helm template` sees no live object.
+*/}}
+{{- define "mole.serve.replicas" -}}
+{{- $s := .Values.serve }}
+{{- $live := lookup "apps/v1" "Deployment" .Release.Namespace (include "mole.serve.fullname" .) }}
+{{- $liveReplicas := -1 }}
+{{- if $live }}
+{{- $liveReplicas = int (default 0 $live.spec.replicas) }}
+{{- end }}
+{{- if and $s.waitForChampion (le $liveReplicas 0) }}
+{{- 0 }}
+{{- else if and $s.autoscaling.enabled (gt $liveReplicas 0) }}
+{{- $liveReplicas }}
+{{- else }}
+{{- $s.replicaCount }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -188,6 +270,30 @@ The MLflow backend store URI. PostgreSQL credentials are never part of it: libpq
 Cross-field checks the schema cannot express; each failure names the values to set.
 */}}
 {{- define "mole.validate" -}}
+{{- $kf := .Values.kubeflow }}
+{{- if and (eq $kf.mode "standalone") (ne .Release.Namespace $kf.namespace) }}
+{{- fail (printf "standalone Kubeflow Pipelines runs the pipeline's pods in namespace %q, where they need this release's workspace claim, ConfigMap, Secrets and RoleBinding: install with -n %s (or set kubeflow.namespace to where your KFP runs pods, or kubeflow.mode=multiUser and install into the profile namespace)" $kf.namespace $kf.namespace) }}
+{{- end }}
+{{- if and (eq $kf.mode "multiUser") .Values.pipelineSubmit.namespace (ne .Values.pipelineSubmit.namespace .Release.Namespace) }}
+{{- fail (printf "pipelineSubmit.namespace %q: multi-user Kubeflow Pipelines runs the pipeline's pods in the profile namespace it is submitted to, so it must be the release namespace %q (install the chart into the profile namespace)" .Values.pipelineSubmit.namespace .Release.Namespace) }}
+{{- end }}
+{{- $perNode := int .Values.gpuPool.gpusPerNode }}
+{{- if and .Values.serve.enabled (gt (int .Values.serve.gpu.count) $perNode) }}
+{{- fail (printf "serve.gpu.count=%d cannot be scheduled: a node of the GPU pool has gpuPool.gpusPerNode=%d GPUs" (int .Values.serve.gpu.count) $perNode) }}
+{{- end }}
+{{- with .Values.pipelineSubmit.parameters.gpus }}
+{{- if gt (int .) $perNode }}
+{{- fail (printf "pipelineSubmit.parameters.gpus=%d cannot be scheduled: a node of the GPU pool has gpuPool.gpusPerNode=%d GPUs (more GPUs for stage 1: stage1_launcher=trainjob with stage1_nodes)" (int .) $perNode) }}
+{{- end }}
+{{- end }}
+{{- if and .Values.serve.kserve.enabled (eq .Values.serve.kserve.deploymentMode "RawDeployment") (lt (int .Values.serve.kserve.minReplicas) 1) }}
+{{- fail "serve.kserve.minReplicas=0 (scale to zero) needs serve.kserve.deploymentMode=Serverless (Knative)" }}
+{{- end }}
+{{- with .Values.serve.autoscaling }}
+{{- if and .enabled (gt (int .minReplicas) (int .maxReplicas)) }}
+{{- fail (printf "serve.autoscaling.minReplicas=%d is above serve.autoscaling.maxReplicas=%d" (int .minReplicas) (int .maxReplicas)) }}
+{{- end }}
+{{- end }}
 {{- if not .Values.tracking.existingSecret.name }}
 {{- fail "tracking.existingSecret.name must name the Secret with the MLflow user of the mole pods" }}
 {{- end }}
@@ -227,12 +333,14 @@ Cross-field checks the schema cannot express; each failure names the values to s
 
 {{/*
 The pipeline parameters the submit Job passes: what this release knows (image, namespace, the names of the
-workspace claim, ConfigMap and Secrets, the GPU pool), overridden by pipelineSubmit.parameters.
+workspace claim, ConfigMap and Secrets, the GPU pool and its GPUs per node), overridden by
+pipelineSubmit.parameters.
 */}}
 {{- define "mole.pipelineParameters" -}}
 {{- $params := dict
   "image" (include "mole.image" .)
   "namespace" .Release.Namespace
+  "gpus_per_node" (int .Values.gpuPool.gpusPerNode)
   "workspace_pvc" .Values.pipeline.workspace.name
   "config_map" .Values.pipeline.configMap.name
   "mlflow_secret" .Values.tracking.existingSecret.name
@@ -241,6 +349,10 @@ workspace claim, ConfigMap and Secrets, the GPU pool), overridden by pipelineSub
 }}
 {{- with .Values.gpuPool.nodeSelector }}
 {{- $_ := set $params "node_selector" . }}
+{{- end }}
+{{- if and .Values.serve.enabled (not .Values.serve.kserve.enabled) }}
+{{- $_ := set $params "serve_deployment" (include "mole.serve.fullname" .) }}
+{{- $_ := set $params "serve_replicas" (int .Values.serve.replicaCount) }}
 {{- end }}
 {{- $params = merge (deepCopy .Values.pipelineSubmit.parameters) $params }}
 {{- range $name, $value := $params }}

@@ -8,12 +8,16 @@ and hand models to each other as registry URIs (``models:/mole-stage1/3``) when 
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
 import re
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +41,63 @@ def _tracking(tracking_uri: str = "", experiment: str = "", parent_run_id: str =
         os.environ["MOLE_PARENT_RUN_ID"] = parent_run_id
 
 
+#: Exit code of a step killed by its deadline (as coreutils' timeout).
+TIMEOUT_EXIT = 124
+
+
+@contextlib.contextmanager
+def deadline(kind: str, timeouts: Mapping[str, Any] | None) -> Iterator[None]:
+    """Bound a step by ``timeouts[kind]`` seconds (the pipeline's ``step_timeouts``; absent or 0: no bound).
+
+    On expiry the step logs which bound it hit, ends its child processes (``accelerate launch`` workers) and
+    exits with :data:`TIMEOUT_EXIT` from a watchdog thread, so that it stops holding its GPUs even when the main
+    thread is stuck in a CUDA call or a collective that no Python exception would interrupt.
+    """
+    seconds = float((timeouts or {}).get(kind) or 0)
+    if seconds < 0:
+        raise ValueError(f"step_timeouts[{kind!r}] must be 0 (none) or positive seconds, got {seconds:g}")
+    if not seconds:
+        yield
+        return
+
+    def expire() -> None:
+        logger.error("the %s step ran past its timeout of %.0f s (pipeline parameter step_timeouts[%r]); stopping it",
+                     kind, seconds, kind)  # fmt: skip
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        for child in list(_CHILDREN):
+            with contextlib.suppress(OSError):
+                os.killpg(child.pid, 9)
+        os._exit(TIMEOUT_EXIT)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+#: Child process groups of this step (ended by :func:`deadline` on expiry).
+_CHILDREN: set[subprocess.Popen] = set()
+
+
+def check_gpus(gpus: int, gpus_per_node: int, stage1_launcher: str = "local", stage1_nodes: int = 1) -> None:
+    """Refuse a GPU count the pool cannot give before anything runs: a pod asking more GPUs than one node has
+    stays Pending forever (the chart's gpuPool.gpusPerNode is passed as ``gpus_per_node``)."""
+    if gpus < 1:
+        raise ValueError(f"gpus must be at least 1, got {gpus}")
+    if gpus > gpus_per_node:
+        raise ValueError(
+            f"gpus={gpus} cannot be scheduled: a node of the GPU pool has gpus_per_node={gpus_per_node} GPUs and a "
+            f"pod cannot span nodes; use gpus<={gpus_per_node} (for more, stage1_launcher=trainjob with "
+            "stage1_nodes=N spreads stage 1 over N nodes)"
+        )
+    if stage1_launcher != "local" and stage1_nodes < 1:
+        raise ValueError(f"stage1_nodes must be at least 1, got {stage1_nodes}")
+
+
 def _resolve_config(config: str) -> Path:
     """A config path as given, else relative to ``MOLE_HOME`` (the image's /opt/mole), else to the checkout."""
     for root in (Path.cwd(), Path(os.environ.get("MOLE_HOME", "/opt/mole")), Path(__file__).resolve().parents[3]):
@@ -47,14 +108,16 @@ def _resolve_config(config: str) -> Path:
 
 
 def start(
-    workspace: str, job_id: str, job_name: str, base_model: str, prompts: str, scorer_config: str,
-    params: dict[str, Any], tracking_uri: str = "", experiment: str = "",
-) -> dict[str, str]:  # fmt: skip
+    workspace: str, job_id: str, job_name: str, base_model: str, prompts: str,
+    scorer_config: Mapping[str, Any] | str | None, params: dict[str, Any], tracking_uri: str = "",
+    experiment: str = "",
+) -> dict[str, Any]:  # fmt: skip
     """Open the pipeline: its working folder, its MLflow parent run and, for ``base_model == "tiny"``, the embedded
     default (tiny SD model, tiny CLIP scorer, a prompt file).
 
     Returns:
-        ``parent_run_id`` ("" with tracking off), ``workdir``, ``base_model``, ``prompts``, ``scorer_config``.
+        ``parent_run_id`` ("" with tracking off), ``workdir``, ``base_model``, ``prompts``, ``scorer_config``
+        (a dict: the pipeline's parameter is typed, since ``kfp run create`` decodes JSON parameter values).
     """
     from mole import tracking
 
@@ -67,31 +130,60 @@ def start(
 
         base_model = str(init_tiny_model(workdir / "embedded" / "model", overwrite=True))
         clip = init_tiny_clip(workdir / "embedded" / "clip", overwrite=True)
-        conf = json.loads(scorer_config or "{}")
+        conf = _json_dict(scorer_config, "scorer_config")
         conf.setdefault("clip", {}).setdefault("model", str(clip))
-        scorer_config = json.dumps(conf)
+        scorer_config = conf
         if not prompts:
             prompts = str(workdir / "embedded" / "prompts.txt")
             Path(prompts).write_text("\n".join(EMBEDDED_PROMPTS) + "\n", encoding="utf-8")
     logger.info("pipeline job %s: workdir %s, parent run %s", job_id, workdir, parent or "(tracking off)")
     return {"parent_run_id": parent, "workdir": str(workdir), "base_model": base_model, "prompts": prompts,
-            "scorer_config": scorer_config or "{}"}  # fmt: skip
+            "scorer_config": _json_dict(scorer_config, "scorer_config")}  # fmt: skip
+
+
+def _json_dict(value: Mapping[str, Any] | str | None, what: str) -> dict[str, Any]:
+    """A structured parameter as a dict: already decoded (typed kfp parameter) or JSON text (older callers)."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{what} is not valid JSON: {err}") from None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{what} must be an object (a dict), got {type(value).__name__}")
+    return dict(value)
+
+
+def dataset_key(kind: str, source: str, raw: str, curate_config: str, count: int, seed: int) -> str:
+    """What defines a dataset, hashed: the same inputs give the same folder in every run (the data steps'
+    cache), different ones never share it. The curation config counts by its content, not its name."""
+    recipe = _resolve_config(curate_config).read_text(encoding="utf-8") if source == "curate" and curate_config else ""
+    blob = json.dumps({"kind": kind, "source": source, "raw": raw if source == "curate" else "", "recipe": recipe,
+                       "count": count if source == "synthetic" else 0, "seed": seed}, sort_keys=True)  # fmt: skip
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def data(
-    kind: str, workdir: str, source: str, raw_inputs: dict[str, str], curate_config: str = "", count: int = 64,
+    kind: str, workspace: str, source: str, raw_inputs: dict[str, str], curate_config: str = "", count: int = 64,
     seed: int = 0, data_root: str = "", parent_run_id: str = "", tracking_uri: str = "", experiment: str = "",
 ) -> str:  # fmt: skip
     """One dataset: ``source == "synthetic"`` draws the embedded default's data, ``"curate"`` curates
     ``raw_inputs[kind]`` (a folder or ``s3://`` prefix). Returns the dataset's URI.
 
+    The dataset goes to ``data_root/<kind>`` or ``<workspace>/data/<kind>-<dataset_key>``: never into a run's
+    folder, so that the step's cached output (KFP caches it on its inputs) stays valid for the next run.
     Synthetic data still gets a ``curate:<kind>`` run, so that the lineage of every model reaches its data.
     """
     from mole import tracking
     from mole.data.shards import read_index
 
     _tracking(tracking_uri, experiment, parent_run_id)
-    output = f"{data_root.rstrip('/')}/{kind}" if data_root else str(Path(workdir) / "data" / kind)
+    if source not in ("synthetic", "curate"):
+        raise ValueError(f"data source must be 'synthetic' or 'curate', got {source!r}")
+    raw = (raw_inputs or {}).get(kind, "")
+    key = dataset_key(kind, source, raw, curate_config, count, seed)
+    output = f"{data_root.rstrip('/')}/{kind}" if data_root else str(Path(workspace) / "data" / f"{kind}-{key}")
     if source == "synthetic":
         from mole.data.synthetic import write_dataset
 
@@ -105,9 +197,6 @@ def data(
                 run.log_params({"kind": kind, "source": "synthetic", "count": count, "seed": seed, "output": output})
                 run.log_dataset(output, index.name, index.digest, context="output")
         return output
-    if source != "curate":
-        raise ValueError(f"data source must be 'synthetic' or 'curate', got {source!r}")
-    raw = (raw_inputs or {}).get(kind)
     if not raw:
         raise ValueError(f"no raw input for {kind!r}: set raw_inputs={{'{kind}': 's3://...'}}")
     import yaml
@@ -116,7 +205,7 @@ def data(
     from mole.storage import localize
 
     tree = yaml.safe_load(_resolve_config(curate_config).read_text(encoding="utf-8")) if curate_config else {}
-    local_in = localize(raw, Path(workdir) / ".cache" / "raw" / kind)
+    local_in = localize(raw, Path(workspace) / ".cache" / "raw" / f"{kind}-{key}")
     if "://" not in output and (Path(output) / "dataset.json").is_file() and read_index(output).num_samples:
         return output
     curate_tracked(kind, raw, output, local_in, CurateConfig.model_validate(tree or {}))
@@ -157,7 +246,15 @@ def train(
                str(_resolve_config("configs/accelerate/zero2.yaml")), "--num_processes", str(processes),
                "-m", "mole", *args]  # fmt: skip
         logger.info("running %s", " ".join(cmd))
-        subprocess.run(cmd, check=True)
+        # Its own process group, so that a step deadline ends the launcher and every worker it started.
+        proc = subprocess.Popen(cmd, start_new_session=True)
+        _CHILDREN.add(proc)
+        try:
+            code = proc.wait()
+        finally:
+            _CHILDREN.discard(proc)
+        if code:
+            raise subprocess.CalledProcessError(code, cmd)
     else:
         from mole.train import load_config, train_stage
         from mole.train.config import parse_data
@@ -208,6 +305,7 @@ def stage1_distributed(
     from mole.tracking import DEFAULT_EXPERIMENT
 
     out = Path(workdir) / "stage1"
+    namespace = namespace or own_namespace()
     experiment = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME", "") or DEFAULT_EXPERIMENT
     env = {"MOLE_PARENT_RUN_ID": parent_run_id, "MLFLOW_EXPERIMENT_NAME": experiment,
            "TORCH_EXTENSIONS_DIR": f"{mount_path}/.cache/torch_extensions"}  # fmt: skip
@@ -229,6 +327,7 @@ def stage1_distributed(
         name=job_name, namespace=namespace, image=image, nodes=nodes, gpus_per_node=gpus_per_node,
         mole_args=mole_train_args("stage1", config, data, base_model, out, max_steps=max_steps),
         node_selector=node_selector or {}, tolerations=tolerations or [], env=env, secret_env=secret_env,
+        required_secrets=[mlflow_secret] if mlflow_secret else [],
         pvc=pvc or None, mount_path=mount_path,
     )  # fmt: skip
     if flavour not in ("trainjob", "pytorchjob"):
@@ -240,10 +339,21 @@ def stage1_distributed(
     return _model_of(out, out / "model")
 
 
+def own_namespace(path: str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace") -> str:
+    """The namespace this pod runs in: where KFP runs the pipeline (``kubeflow`` standalone, the profile
+    namespace multi-user), and so where the multi-node job belongs."""
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError:
+        raise ValueError("the `namespace` parameter is empty and this is not a pod with a service-account "
+                         f"namespace file ({path}): set namespace=...") from None  # fmt: skip
+
+
 def evaluate(
     model: str, base_model: str, experts: list[str], gates: str, prompts: str, workdir: str, *, scorers: str,
-    scorer_config: str, num_prompts: int, repeats: int, steps: int, seed: int = 0, parent_run_id: str = "",
-    tracking_uri: str = "", experiment: str = "", label: str = "mole", output: str = "evaluate",
+    scorer_config: Mapping[str, Any] | str | None, num_prompts: int, repeats: int, steps: int, seed: int = 0,
+    parent_run_id: str = "", tracking_uri: str = "", experiment: str = "", label: str = "mole",
+    output: str = "evaluate",
 ) -> str:  # fmt: skip
     """Evaluate a model: the registered version when ``model`` is a ``models:/`` URI, else base + experts + gates
     (the base alone with no experts and no gates, as for the stage-1 baseline); scores go onto the registered
@@ -261,7 +371,8 @@ def evaluate(
         experts={} if registered else dict(e.split("=", 1) for e in experts),
         gates=None if registered or not gates else gates,
         prompts=prompts, num_prompts=num_prompts, repeats=repeats, seed=seed, steps=steps,
-        scorers=[s.strip() for s in scorers.split(",") if s.strip()], scorer_config=json.loads(scorer_config or "{}"),
+        scorers=[s.strip() for s in scorers.split(",") if s.strip()],
+        scorer_config=_json_dict(scorer_config, "scorer_config"),
         label=label,
     )  # fmt: skip
     report = evaluate_tracked(settings, Path(workdir) / output)
@@ -269,10 +380,14 @@ def evaluate(
 
 
 def promote(
-    metric: str, report: str, model: str, tracking_uri: str = "", experiment: str = "", baseline: str = ""
-) -> str:
-    """Move ``mole@champion`` to the evaluated candidate when it beats the champion or, with no champion yet, the
-    ``baseline`` (the evaluated stage-1 version, ``models:/mole-stage1/N``). Returns what happened."""
+    metric: str, report: str, model: str, tracking_uri: str = "", experiment: str = "", baseline: str = "",
+    serve_deployment: str = "", serve_replicas: int = 1, namespace: str = "",
+) -> str:  # fmt: skip
+    """Move ``mole@champion`` to ``model`` — the version this run registered (``models:/mole/N``) — when it beats
+    the champion or, with no champion yet, the ``baseline`` (the evaluated stage-1 version,
+    ``models:/mole-stage1/N``). Race-free against concurrent runs (see :func:`mole.tracking.promote`). When it
+    moved and ``serve_deployment`` names the generation service's Deployment, that is rolled onto the new
+    version (and scaled up from zero: see :mod:`mole.pipeline.rollout`). Returns what happened."""
     from mole import tracking
 
     _tracking(tracking_uri, experiment)
@@ -284,10 +399,19 @@ def promote(
         why = f"tracking is off: nothing registered to promote ({metric}={scores[metric]['mean']:.4f})"
         logger.info(why)
         return why
+    # The version this run's gates step registered, never the shared `candidate` alias: a concurrent run may
+    # have moved that since.
+    own = re.fullmatch(r"models:/([^/@]+)/(\d+)", model)
+    if not own:
+        raise ValueError(f"promote needs the registered version (models:/NAME/VERSION) of this run, got {model!r}")
     # A baseline that is not a registered version (stage 1 from a local path) cannot hold a score: skip it.
     reference = baseline if re.fullmatch(r"models:/[^/@]+/\d+", baseline or "") else None
-    _moved, why = tracking.promote(metric, baseline=reference)
+    moved, why = tracking.promote(metric, name=own[1], baseline=reference, version=own[2])
     logger.info(why)
+    if moved and serve_deployment:
+        from mole.pipeline.rollout import roll_out
+
+        why += "; " + roll_out(serve_deployment, namespace or own_namespace(), own[1], own[2], serve_replicas)
     return why
 
 

@@ -3,8 +3,13 @@ each node running the same ``accelerate launch`` command with DeepSpeed.
 
 The pipeline's stage-1 step calls :func:`run_distributed`: build the manifest, validate it offline, create it,
 wait for it with a timeout while streaming the pods' logs, and raise :class:`TrainJobFailed` with the reason
-when it fails. The nodes write into the shared workspace (a ReadWriteMany PVC), where the step then reads
-``result.json``. The Kubernetes API is reached only through :class:`KubeApi`, which tests replace.
+when it fails. The job belongs to the run: it is created with an owner reference to the step's own pod (deleting
+the run's pods deletes it), and a SIGTERM/SIGINT to the step (a cancelled run) deletes it before the step ends,
+so a cancelled run never leaves GPUs busy. Logs are followed as they are written and placed by timestamp,
+reconnecting with ``sinceSeconds`` from the last line printed (:mod:`mole.pipeline.podlogs`), so a rotated or
+restarted log loses no line and prints none twice. The nodes write into the shared workspace (a ReadWriteMany
+PVC), where the step then reads ``result.json``. The Kubernetes API is reached only through :class:`KubeApi`,
+which tests replace.
 
 Rendezvous: the Trainer's ``torch-distributed`` runtime (and the PyTorchJob operator) set ``PET_NNODES``,
 ``PET_NPROC_PER_NODE``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR`` and ``PET_MASTER_PORT`` (the PyTorchJob operator
@@ -14,11 +19,16 @@ sets ``MASTER_ADDR``/``MASTER_PORT``/``RANK`` for each pod); the command maps th
 from __future__ import annotations
 
 import logging
+import os
 import shlex
+import signal
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from mole.pipeline.podlogs import LogStreams
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +61,12 @@ class DistributedSpec:
         runtime: The ClusterTrainingRuntime to use (Trainer only).
         node_selector / tolerations: Placement on the A100 pool.
         env: Plain environment variables. secret_env: ``{secret name: {key: ENV_NAME}}``.
+        required_secrets: Secrets of ``secret_env`` a pod must not start without (the MLflow user); the others
+            are optional (S3 keys, for which a workload identity can stand in).
         pvc / mount_path: The shared workspace.
         cpu / memory: Requests per node. shm_size: The ``/dev/shm`` memory emptyDir per node.
         service_account: The pods' service account.
+        owner: An owner reference (the pipeline step's pod): the job is garbage-collected with it.
     """
 
     name: str
@@ -68,12 +81,22 @@ class DistributedSpec:
     tolerations: list[dict[str, Any]] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     secret_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    required_secrets: list[str] = field(default_factory=list)
     pvc: str | None = None
     mount_path: str = "/workspace"
     cpu: str = "8"
     memory: str = "64Gi"
     shm_size: str = "16Gi"
     service_account: str | None = None
+    owner: dict[str, Any] | None = None
+
+
+def _metadata(spec: DistributedSpec) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": spec.name, "namespace": spec.namespace,
+                            "labels": {"app.kubernetes.io/part-of": "mole"}}  # fmt: skip
+    if spec.owner:
+        meta["ownerReferences"] = [dict(spec.owner)]
+    return meta
 
 
 def launch_command(spec: DistributedSpec, flavour: Literal["trainjob", "pytorchjob"]) -> list[str]:
@@ -95,7 +118,8 @@ def _env_list(spec: DistributedSpec) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in sorted(spec.env.items())]
     for secret, keys in sorted(spec.secret_env.items()):
         for key, name in sorted(keys.items()):
-            env.append({"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}})
+            ref = {"name": secret, "key": key, "optional": secret not in spec.required_secrets}
+            env.append({"name": name, "valueFrom": {"secretKeyRef": ref}})
     return env
 
 
@@ -138,7 +162,7 @@ def trainjob_manifest(spec: DistributedSpec) -> dict[str, Any]:
     return {
         "apiVersion": f"{TRAINER_GROUP}/{TRAINER_VERSION}",
         "kind": "TrainJob",
-        "metadata": {"name": spec.name, "namespace": spec.namespace, "labels": {"app.kubernetes.io/part-of": "mole"}},
+        "metadata": _metadata(spec),
         "spec": {
             "runtimeRef": {"name": spec.runtime, "kind": "ClusterTrainingRuntime", "apiGroup": TRAINER_GROUP},
             "trainer": {
@@ -191,7 +215,7 @@ def pytorchjob_manifest(spec: DistributedSpec) -> dict[str, Any]:
     return {
         "apiVersion": f"{PYTORCHJOB_GROUP}/{PYTORCHJOB_VERSION}",
         "kind": "PyTorchJob",
-        "metadata": {"name": spec.name, "namespace": spec.namespace, "labels": {"app.kubernetes.io/part-of": "mole"}},
+        "metadata": _metadata(spec),
         "spec": {"runPolicy": {"cleanPodPolicy": "None"}, "pytorchReplicaSpecs": replicas},
     }
 
@@ -263,8 +287,29 @@ class KubeApi:
         return [p.metadata.name for p in self.core.list_namespaced_pod(namespace, label_selector=selector).items]
 
     def logs(self, namespace: str, pod: str, since_seconds: int | None = None) -> str:
+        """The pod's log, every line prefixed with its RFC 3339 timestamp; only the last ``since_seconds``."""
         kw = {"since_seconds": since_seconds} if since_seconds else {}
-        return self.core.read_namespaced_pod_log(pod, namespace, **kw)
+        return self.core.read_namespaced_pod_log(pod, namespace, timestamps=True, **kw)
+
+    def stream(self, namespace: str, pod: str, since_seconds: int | None = None):
+        """Follow the pod's log (``follow=true``, timestamped) line by line until the container ends."""
+        kw = {"since_seconds": since_seconds} if since_seconds else {}
+        response = self.core.read_namespaced_pod_log(pod, namespace, follow=True, timestamps=True,
+                                                     _preload_content=False, **kw)  # fmt: skip
+        pending = b""
+        try:
+            for chunk in response.stream(65536):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    yield line.decode("utf-8", errors="replace")
+            if pending:
+                yield pending.decode("utf-8", errors="replace")
+        finally:
+            response.release_conn()
+
+    def pod_uid(self, namespace: str, pod: str) -> str:
+        return self.core.read_namespaced_pod(pod, namespace).metadata.uid
 
 
 def _conditions(obj: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -284,6 +329,24 @@ def job_state(obj: Mapping[str, Any]) -> tuple[str, str]:
     return "running", ""
 
 
+def owner_of_this_pod(api: KubeApi, namespace: str) -> dict[str, Any] | None:
+    """An owner reference to the pod this step runs in (``HOSTNAME`` is its name in Kubernetes), or None outside
+    a pod or when the pod cannot be read: ownership is a safety net, the signal handler does the cleanup."""
+    pod = os.environ.get("HOSTNAME", "")
+    if not pod or not os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return None
+    try:
+        uid = api.pod_uid(namespace, pod)
+    except Exception as err:  # no RBAC for get pods, or another namespace: run without an owner
+        logger.warning("cannot read this step's pod %s/%s (%s): the job gets no owner reference", namespace, pod, err)
+        return None
+    return {"apiVersion": "v1", "kind": "Pod", "name": pod, "uid": uid}
+
+
+class _Terminated(Exception):
+    """SIGTERM / SIGINT reached the step while it followed the job."""
+
+
 def run_distributed(
     spec: DistributedSpec,
     flavour: Literal["trainjob", "pytorchjob"] = "trainjob",
@@ -294,18 +357,26 @@ def run_distributed(
     log: Callable[[str], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    wall: Callable[[], float] = time.time,
+    follow_logs: bool = True,
 ) -> dict[str, Any]:
-    """Create the job, stream its pods' logs, wait until it ends; returns the final object.
+    """Create the job, stream its pods' logs (followed as they are written with ``follow_logs``, else read at
+    every poll), wait until it ends; returns the final object.
 
-    A job that already exists (the pipeline step was retried) is adopted, not created again. On timeout the job
-    is deleted, so that it stops holding GPUs.
+    A job that already exists (the pipeline step was retried) is adopted, not created again. On timeout, and when
+    the step is terminated (SIGTERM/SIGINT: the run was cancelled), the job is deleted, so that it stops holding
+    GPUs. Without an owner in ``spec``, the step's own pod becomes the job's owner.
 
     Raises:
-        TrainJobFailed: It could not be created, it failed (with the operator's reason) or it timed out.
+        TrainJobFailed: It could not be created, it failed (with the operator's reason), it timed out, or the
+            step was terminated.
     """
     from mole.pipeline import trainjob as me
 
     log = log or (lambda line: logger.info("%s", line))
+    api = api or me.KubeApi()
+    if spec.owner is None:
+        spec.owner = owner_of_this_pod(api, spec.namespace)
     if flavour == "trainjob":
         manifest, coords = trainjob_manifest(spec), (TRAINER_GROUP, TRAINER_VERSION, spec.namespace, TRAINER_PLURAL)
         validate_trainjob(manifest)
@@ -314,53 +385,66 @@ def run_distributed(
         manifest = pytorchjob_manifest(spec)
         coords = (PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, spec.namespace, PYTORCHJOB_PLURAL)
         selector = f"training.kubeflow.org/job-name={spec.name}"
-    api = api or me.KubeApi()
+    kind = manifest["kind"]
     try:
         api.create(*coords, manifest)
-        log(
-            f"created {manifest['kind']} {spec.namespace}/{spec.name}: {spec.nodes} node(s) × {spec.gpus_per_node} GPU"
-        )
+        log(f"created {kind} {spec.namespace}/{spec.name}: {spec.nodes} node(s) × {spec.gpus_per_node} GPU")
     except Exception as err:
         if getattr(err, "status", None) != 409:  # 409: it exists already; adopt it
-            raise TrainJobFailed(f"could not create {manifest['kind']} {spec.name}: {err}") from err
-        log(f"{manifest['kind']} {spec.name} exists already; following it")
-    start = clock()
-    seen: dict[str, int] = {}
-    while True:
-        obj = api.get(*coords, spec.name)
-        _stream_logs(api, spec.namespace, selector, seen, log)
-        state, reason = job_state(obj)
-        if state == "succeeded":
-            log(f"{manifest['kind']} {spec.name} succeeded")
-            return obj
-        if state == "failed":
-            raise TrainJobFailed(f"{manifest['kind']} {spec.name} failed: {reason or 'no reason given'}")
-        if clock() - start > timeout_s:
-            try:
-                api.delete(*coords, spec.name)
-            finally:
-                raise TrainJobFailed(f"{manifest['kind']} {spec.name} did not finish within {timeout_s:.0f} s; "
-                                     "deleted it")  # fmt: skip
-        sleep(poll_s)
+            raise TrainJobFailed(f"could not create {kind} {spec.name}: {err}") from err
+        log(f"{kind} {spec.name} exists already; following it")
 
-
-def _stream_logs(api: KubeApi, namespace: str, selector: str, seen: dict[str, int], log) -> None:
-    """Print the log lines of every pod of the job that were not printed yet (best effort: a pod that is not
-    running yet or went away is skipped)."""
-    try:
-        pods = api.pods(namespace, selector)
-    except Exception as err:  # listing pods is informational; the job's conditions decide
-        logger.debug("listing pods failed: %s", err)
-        return
-    for pod in sorted(pods):
+    def delete(why: str) -> None:
         try:
-            lines = api.logs(namespace, pod).splitlines()
-        except Exception as err:
-            logger.debug("no logs for %s yet: %s", pod, err)
-            continue
-        for line in lines[seen.get(pod, 0) :]:
-            log(f"[{pod}] {line}")
-        seen[pod] = len(lines)
+            api.delete(*coords, spec.name)
+            log(f"deleted {kind} {spec.name} ({why})")
+        except Exception as err:  # the owner reference still collects it with the step's pod
+            logger.error("could not delete %s %s after %s: %s", kind, spec.name, why, err)
+
+    start = clock()
+    streams = LogStreams(api, spec.namespace, selector, log, wall, follow=follow_logs)
+    with _terminate_on_signals():
+        try:
+            while True:
+                obj = api.get(*coords, spec.name)
+                streams.poll()
+                state, reason = job_state(obj)
+                if state == "succeeded":
+                    streams.close()
+                    log(f"{kind} {spec.name} succeeded")
+                    return obj
+                if state == "failed":
+                    streams.close()
+                    raise TrainJobFailed(f"{kind} {spec.name} failed: {reason or 'no reason given'}")
+                if clock() - start > timeout_s:
+                    delete("timeout")
+                    raise TrainJobFailed(f"{kind} {spec.name} did not finish within {timeout_s:.0f} s; deleted it")
+                sleep(poll_s)
+        except _Terminated as err:
+            delete(str(err))
+            raise TrainJobFailed(f"the step was terminated ({err}): deleted {kind} {spec.name}") from None
+
+
+class _terminate_on_signals:
+    """Within the block, SIGTERM and SIGINT raise :class:`_Terminated` in the main thread (elsewhere signal
+    handlers cannot be set, and the block leaves them alone); the previous handlers come back afterwards."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __enter__(self) -> None:
+        self.previous: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def raise_terminated(signum: int, _frame: Any) -> None:
+            raise _Terminated(signal.Signals(signum).name)
+
+        for sig in self.SIGNALS:
+            self.previous[sig] = signal.signal(sig, raise_terminated)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def parse_json_arg(value: str | Mapping | Sequence | None, what: str) -> Any:

@@ -132,6 +132,8 @@ def create_app(service: Service, drain_timeout: float = 30.0) -> FastAPI:
         """What is loaded and what a request may ask for."""
         return {
             "model": service.description,
+            # The registered version actually loaded (models:/mole/7) when `model` is an alias; null otherwise.
+            "model_version": getattr(service._loader, "resolved", None),
             "state": service.state,
             "modes": list(service.modes),
             "mode_help": {m: MODE_HELP[m] for m in service.modes},
@@ -211,13 +213,31 @@ def make_loader(
             raise ValueError(f"{redact(model)} is a registered MoLE model with its own experts and gates; "
                              "drop --experts/--gates")  # fmt: skip
 
-        def load_registered() -> Any:
-            from mole.tracking import load_registered_pipeline
+        class LoadRegistered:
+            """Resolves an alias to the version it points to now, then loads that version; ``resolved`` says
+            which (``/v1/info`` reports it)."""
 
-            pipe = load_registered_pipeline(model)
-            return pipe.to(device) if device else pipe
+            resolved: str | None = None
 
-        return load_registered
+            def moved(self) -> str | None:
+                """The version the alias points to now, when that is not the loaded one (see
+                :mod:`mole.serve.follow`); None before loading, for a version URI, or when unchanged."""
+                from mole.tracking import resolve_version
+
+                if self.resolved is None:
+                    return None
+                now = resolve_version(model)
+                return now if now != self.resolved else None
+
+            def __call__(self) -> Any:
+                from mole.tracking import load_registered_pipeline, resolve_version
+
+                self.resolved = resolve_version(model)
+                logger.info("%s is %s", redact(model), redact(self.resolved))
+                pipe = load_registered_pipeline(self.resolved)
+                return pipe.to(device) if device else pipe
+
+        return LoadRegistered()
     path = Path(model)
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"{path} is not a diffusers model folder (no model_index.json)")
@@ -245,12 +265,16 @@ def run_server(
     settings: ServiceSettings | None = None,
     description: str = "",
     shutdown_timeout: float = 60.0,
+    follow_alias: float = 0.0,
 ) -> int:
     """Serve until SIGINT/SIGTERM; requests in flight are finished first (up to ``shutdown_timeout`` s).
 
+    ``follow_alias`` > 0: every that many seconds, check whether the registry alias served (``models:/NAME@ALIAS``)
+    still points to the loaded version; when it moved, stop gracefully (see :mod:`mole.serve.follow`).
+
     Returns:
         0 after a clean shutdown, 1 when the model failed to load (the server stops at once then, so that an
-        orchestrator restarts it and a person sees the error).
+        orchestrator restarts it and a person sees the error), 75 when the alias moved (restart to load it).
     """
     import uvicorn
 
@@ -268,7 +292,25 @@ def run_server(
         app, host=host, port=port, log_config=None, timeout_graceful_shutdown=shutdown_timeout, lifespan="on"
     )
     server = uvicorn.Server(config)
+    moved: list[str] = []
+    follower = None
+    if follow_alias > 0 and hasattr(loader, "moved"):
+        from mole.serve.follow import AliasFollower
+
+        def on_move(version: str) -> None:
+            moved.append(version)
+            server.should_exit = True
+
+        follower = AliasFollower(loader, follow_alias, on_move).start()  # type: ignore[arg-type]
     logger.info("serving %s on http://%s:%d (page at /, API at /v1/generate, docs at /docs)",
                 service.description, host, port)  # fmt: skip
     server.run()
-    return 1 if failed else 0
+    if follower is not None:
+        follower.stop()
+    if failed:
+        return 1
+    if moved:
+        from mole.serve.follow import MOVED_EXIT
+
+        return MOVED_EXIT
+    return 0
