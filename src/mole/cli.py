@@ -383,7 +383,9 @@ def _curate(kind: str, input_: str, output: str, config: Path | None, overrides:
     from mole.train.config import ConfigError, format_validation_error, parse_overrides
 
     try:
-        tree = yaml.safe_load(config.read_text(encoding="utf-8")) if config else {}
+        from mole.presets import resolve
+
+        tree = yaml.safe_load(resolve(config).read_text(encoding="utf-8")) if config else {}
         for key, value in parse_overrides(overrides).items():
             tree[key] = value
         try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -20,25 +19,12 @@ EMBEDDED_PARAMS: dict[str, Any] = {
 }  # fmt: skip
 
 
-def repo_root() -> Path:
-    """The checkout holding ``pipelines/`` and ``components/``: ``MOLE_HOME``, the working folder, or the
-    folder this package was installed from in editable mode."""
-    candidates = [Path(os.environ["MOLE_HOME"])] if os.environ.get("MOLE_HOME") else []
-    candidates += [Path.cwd(), Path(__file__).resolve().parents[3]]
-    for root in candidates:
-        if (root / "pipelines" / "mole_pipeline.py").is_file() and (root / "components").is_dir():
-            return root
-    raise FileNotFoundError("pipelines/mole_pipeline.py not found: run from the mole checkout or set MOLE_HOME")
-
-
 def pipeline_module():
-    """Import ``pipelines/mole_pipeline.py`` from the checkout."""
-    path = repo_root() / "pipelines" / "mole_pipeline.py"
-    spec = importlib.util.spec_from_file_location("mole_pipeline_def", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The pipeline definition, :mod:`mole.pipeline.dsl` (imported here, not at the top: it needs kfp, which
+    only the ``pipeline`` extra installs)."""
+    from mole.pipeline import dsl
+
+    return dsl
 
 
 def parse_experts(specs: Sequence[str] | None) -> dict[str, str] | None:
@@ -56,7 +42,7 @@ def parse_experts(specs: Sequence[str] | None) -> dict[str, str] | None:
 
 
 def compile_pipeline(output: str | os.PathLike[str], experts: Mapping[str, str] | None = None) -> Path:
-    """Compile to YAML. The image is ``components.constants.IMAGE`` (``MOLE_IMAGE`` overrides it)."""
+    """Compile to YAML. The image is ``mole.pipeline.components.constants.IMAGE`` (``MOLE_IMAGE`` overrides it)."""
     from kfp import compiler
 
     module = pipeline_module()

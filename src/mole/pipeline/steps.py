@@ -99,12 +99,10 @@ def check_gpus(gpus: int, gpus_per_node: int, stage1_launcher: str = "local", st
 
 
 def _resolve_config(config: str) -> Path:
-    """A config path as given, else relative to ``MOLE_HOME`` (the image's /opt/mole), else to the checkout."""
-    for root in (Path.cwd(), Path(os.environ.get("MOLE_HOME", "/opt/mole")), Path(__file__).resolve().parents[3]):
-        candidate = root / config
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"config {config!r} not found (looked in the working folder, $MOLE_HOME and the checkout)")
+    """A config path as given, else the preset the package ships under that name (see :mod:`mole.presets`)."""
+    from mole.presets import resolve
+
+    return resolve(config)
 
 
 def start(
@@ -271,12 +269,29 @@ def train(
     return _model_of(out, fallback)
 
 
+def train_gates(
+    config: str, data: str, base_model: str, workdir: str, *, experts: list[str], gate: str = "", max_steps: int = 0,
+    processes: int = 1, parent_run_id: str = "", tracking_uri: str = "", experiment: str = "", condition: str = "",
+) -> dict[str, str]:  # fmt: skip
+    """The gates stage (see :func:`train`), handing back each result under its own name, whatever tracking does.
+
+    Returns:
+        ``model``: the MoLE version this run registered (``models:/mole/N``), "" with tracking off;
+        ``gates``: the gates file, always (what evaluating base + experts + gates needs without a registry).
+    """
+    model = train("gates", config, data, base_model, workdir, experts=experts, gate=gate, max_steps=max_steps,
+                  processes=processes, parent_run_id=parent_run_id, tracking_uri=tracking_uri,
+                  experiment=experiment, condition=condition)  # fmt: skip
+    gates_file = Path(workdir) / "gates" / "gates.safetensors"
+    return {"model": model if model.startswith("models:/") else "", "gates": str(gates_file)}
+
+
 def mole_train_args(
     stage: str, config: str, data: str, base_model: str, out: Path, *, expert: str = "",
     experts: list[str] | None = None, gate: str = "", max_steps: int = 0, condition: str = "",
 ) -> list[str]:  # fmt: skip
     """The ``mole train ...`` arguments of a stage (shared by the in-pod and the multi-node launch)."""
-    args = ["train", stage, "--config", str(_resolve_config(config)), "--data", data, "--output", str(out),
+    args = ["train", stage, "--config", str(_resolve_config(config).resolve()), "--data", data, "--output", str(out),
             "--resume", "latest"]  # fmt: skip
     if base_model:
         args += ["--base", base_model]
@@ -329,6 +344,8 @@ def stage1_distributed(
         node_selector=node_selector or {}, tolerations=tolerations or [], env=env, secret_env=secret_env,
         required_secrets=[mlflow_secret] if mlflow_secret else [],
         pvc=pvc or None, mount_path=mount_path,
+        # The installed package's copy: the job's pods run this same image, whatever their working folder.
+        accelerate_config=str(_resolve_config("configs/accelerate/zero2.yaml").resolve()),
     )  # fmt: skip
     if flavour not in ("trainjob", "pytorchjob"):
         raise ValueError(f"stage-1 launcher must be local, trainjob or pytorchjob, got {flavour!r}")

@@ -273,7 +273,12 @@ def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any] |
         source = str(path)
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+            from mole.presets import packaged
+
+            try:  # `configs/paper.yaml` from any folder: the preset the package ships
+                p = packaged(str(path))
+            except FileNotFoundError as err:
+                raise ConfigError(f"config file not found: {path} ({err})") from None
         try:
             loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as err:
