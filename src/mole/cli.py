@@ -159,11 +159,13 @@ def tiny_data(
 
 @app.command()
 def generate(
-    model: Annotated[Path, typer.Option(help="A diffusers Stable Diffusion folder.")],
+    model: Annotated[Path, typer.Option(help="A diffusers Stable Diffusion folder, or stage 1's --output folder.")],
     prompt: Annotated[list[str], typer.Option(help="Prompt; repeat for several.")],
     output: Annotated[Path, typer.Option(help="PNG path (x.png, or x-0.png... for several) or a folder.")],
     experts: Annotated[list[str] | None, typer.Option(help="Expert LoRA as NAME=PATH; repeat for several.")] = None,
-    gates: Annotated[Path | None, typer.Option(help="Gates file from stage 3: full MoLE.")] = None,
+    gates: Annotated[
+        Path | None, typer.Option(help="Gates file from stage 3, or that stage's --output folder: full MoLE.")
+    ] = None,
     expert_scale: Annotated[
         list[str] | None, typer.Option(help="Fixed scale NAME=FLOAT for an expert when no gates are given.")
     ] = None,
@@ -226,7 +228,8 @@ def serve(
         list[str] | None, typer.Option(help="With a folder: expert LoRA as NAME=PATH; repeat for several.")
     ] = None,
     gates: Annotated[
-        Path | None, typer.Option(help="With a folder and --experts: the gates file (full MoLE).")
+        Path | None,
+        typer.Option(help="With a folder and --experts: the gates file or the gates stage's folder (full MoLE)."),
     ] = None,
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 inside a container).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
@@ -281,7 +284,10 @@ ResumeOpt = Annotated[
     str | None,
     typer.Option(help="'latest' (newest checkpoint in OUTPUT, or a fresh start) or a checkpoint path."),
 ]
-BaseOpt = Annotated[str | None, typer.Option(help="Model to start from (overrides model.base).")]
+BaseOpt = Annotated[
+    str | None,
+    typer.Option(help="Model to start from: a diffusers folder or stage 1's --output folder (overrides model.base)."),
+]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Config override section.key=value; repeatable.")]
 
 
@@ -541,7 +547,7 @@ def evaluate_run(
     prompts: Annotated[Path, typer.Option(help="Prompt file from `mole prompts`.")],
     output: Annotated[Path, typer.Option(help="Folder for images, scores.csv, report.json, report.md.")],
     experts: Annotated[list[str] | None, typer.Option(help="Expert LoRA as NAME=PATH.")] = None,
-    gates: Annotated[str | None, typer.Option(help="Gates file (full MoLE).")] = None,
+    gates: Annotated[str | None, typer.Option(help="Gates file or the gates stage's folder (full MoLE).")] = None,
     num_prompts: Annotated[int, typer.Option(help="Prompts sampled per repeat.")] = 3000,
     repeats: Annotated[int, typer.Option(help="Repeats (mean ± standard error over them).")] = 3,
     scorers: Annotated[str, typer.Option(help="Comma-separated: clip, hps_v1, hps_v2, imagereward.")] = "clip",
@@ -631,9 +637,9 @@ def evaluate_compare(
 
 @evaluate_app.command("gates")
 def evaluate_gates(
-    model: Annotated[Path, typer.Option(help="The base (stage-1) diffusers folder.")],
+    model: Annotated[Path, typer.Option(help="The base (stage-1) diffusers folder, or stage 1's --output folder.")],
     experts: Annotated[list[str], typer.Option(help="Expert LoRA as NAME=PATH.")],
-    gates: Annotated[Path, typer.Option(help="Gates file.")],
+    gates: Annotated[Path, typer.Option(help="Gates file or the gates stage's --output folder.")],
     output: Annotated[Path, typer.Option(help="Folder for global_gates.png, local_maps.png, gate_stats.json.")],
     groups: Annotated[
         Path | None,

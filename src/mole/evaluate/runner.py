@@ -43,6 +43,14 @@ class EvalSettings:
     save_images: bool = True
     label: str | None = None
 
+    def __post_init__(self) -> None:
+        # The gates stage's output folder stands for its gates file (the model folder is resolved on loading,
+        # so that a stage-1 folder keeps its own name as the report's label).
+        if self.gates:
+            from mole.outputs import gates_file
+
+            self.gates = str(gates_file(self.gates))
+
 
 def prompt_seed(seed: int, repeat: int, prompt: str) -> int:
     """A seed that depends only on (seed, repeat, prompt): stable across models, batch sizes and machines."""

@@ -303,5 +303,8 @@ def stage_config(config: MoleConfig, stage: StageName, expert: str | None = None
     if expert is None:
         raise ConfigError("the expert stage needs an expert name (--name)")
     if expert not in config.experts:
-        raise ConfigError(f"no experts.{expert} section in the config; it has {sorted(config.experts) or 'none'}")
+        raise ConfigError(
+            f"no experts.{expert} section in the config (it has {sorted(config.experts) or 'none'}); "
+            f"`--set experts.{expert}.rank=R` creates it (rank R, the other settings at their defaults)"
+        )
     return config.experts[expert]

@@ -61,13 +61,13 @@ class Stage:
 
 
 def _check_base(base: str | os.PathLike[str]) -> Path:
-    path = Path(base)
-    if not (path / "model_index.json").is_file():
-        raise StageError(
-            f"base model {path} is not a diffusers folder (no model_index.json); give --base a model written "
-            "by `mole tiny init`, by stage 1, or by diffusers' save_pretrained"
-        )
-    return path
+    """The base model's diffusers folder: ``base`` itself or the ``model/`` of a stage-1 output folder."""
+    from mole.outputs import model_folder
+
+    try:
+        return model_folder(base)
+    except FileNotFoundError as err:
+        raise StageError(f"base model: {err}") from None
 
 
 def _load_components(base: Path, model_cfg: ModelConfig):
