@@ -126,7 +126,7 @@ class _Worker:
 
     def __init__(self, kind: Kind, cfg: CurateConfig, root: str, attributes: Table, sources: Table) -> None:
         from mole.data.captions import CaptionTruncator, clean_caption
-        from mole.data.filters import build_filters
+        from mole.data.filtering import build_filters
 
         self.kind, self.cfg, self.root = kind, cfg, Path(root)
         self.attributes, self.sources = attributes, sources
@@ -236,7 +236,7 @@ class _Worker:
     def _process(self, task: tuple[int, str]) -> Generator[list[Any], list[str] | Exception, InputResult]:
         """One input, as a generator: it yields the crops to caption (only when the captioner is wanted), is sent
         the captions (or the captioner's exception), and returns the input's result."""
-        from mole.data.filters import run_filters
+        from mole.data.filtering import run_filters
 
         index, source = task
         path = self.root / source

@@ -1,0 +1,78 @@
+"""The house's layout rules that a reader relies on: one-way imports (no cycles, lazy imports counted)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _modules(roots: list[tuple[Path, Path]]) -> dict[str, Path]:
+    out = {}
+    for folder, base in roots:
+        for file in folder.rglob("*.py"):
+            name = ".".join(file.relative_to(base).with_suffix("").parts).removesuffix(".__init__")
+            out[name] = file
+    return out
+
+
+def import_graph(roots: list[tuple[Path, Path]]) -> dict[str, set[str]]:
+    """Module -> the modules it imports, at the top or inside a function (a lazy import is still a dependency).
+    ``from pkg import submodule`` depends on the submodule, not on everything ``pkg/__init__`` does."""
+    modules = _modules(roots)
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for name, file in modules.items():
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            targets: list[str] = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                subs = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in modules]
+                targets = subs + ([node.module] if len(subs) < len(node.names) else [])
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            graph[name] |= {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles() -> None:
+    """Each module can be read knowing only what it imports: e.g. the filters do not import their registry."""
+    graph = import_graph([(REPO / "src" / "mole", REPO / "src")])
+    assert graph["mole.data.quality"] and "mole.data.quality" in graph["mole.data.filtering"]
+    assert cycles(graph) == []
