@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,3 +79,20 @@ def test_no_import_cycles() -> None:
     graph = import_graph([(REPO / "src" / "mole", REPO / "src")])
     assert graph["mole.data.quality"] and "mole.data.quality" in graph["mole.data.filtering"]
     assert cycles(graph) == []
+
+
+def test_models_uris_are_parsed_in_one_place() -> None:
+    from mole.uris import ModelURI, is_model_uri, model_version, parse_model_uri
+
+    assert parse_model_uri("models:/mole/7") == ModelURI("mole", "7")
+    assert parse_model_uri("models:/mole@champion") == ModelURI("mole", alias="champion")
+    assert str(parse_model_uri("models:/mole@champion")) == "models:/mole@champion"
+    assert parse_model_uri("out/stage1") is None and parse_model_uri("runs:/abc/model") is None
+    assert is_model_uri("models:/mole/1") and not is_model_uri("/models/x")
+    assert model_version("models:/mole-stage1/3").version == "3"
+    with pytest.raises(ValueError, match="baseline must look like models:/NAME/VERSION"):
+        model_version("models:/mole@champion", "baseline")
+    pattern = re.compile(r"""models:/\(\[\^/@\]""")  # a hand-written models:/ regex outside mole/uris.py
+    for file in (REPO / "src" / "mole").rglob("*.py"):
+        if file.name != "uris.py":
+            assert not pattern.search(file.read_text(encoding="utf-8")), file

@@ -25,6 +25,7 @@ from typing import Any
 
 from mole.pyfunc import mole_pyfunc, pyfunc_environment
 from mole.storage import StorageError
+from mole.uris import ModelURI, model_version, parse_model_uri
 
 logger = logging.getLogger(__name__)
 
@@ -278,14 +279,24 @@ def _lora_file(folder: Path) -> Path:
     raise FileNotFoundError(f"no LoRA weights file in {folder}")
 
 
+def _model_version_of(ref: ModelURI):  # -> mlflow.entities.model_registry.ModelVersion
+    """The registry's record of a parsed ``models:/`` URI (by version or through its alias)."""
+    client = _client()
+    return (
+        client.get_model_version(ref.name, ref.version)
+        if ref.version
+        else client.get_model_version_by_alias(ref.name, ref.alias)
+    )
+
+
 def resolve_version(uri: str) -> str:
     """``models:/NAME@ALIAS`` as the version it points to now (``models:/NAME/7``); other URIs unchanged. Loading
     the resolved version, not the alias, makes "which model is this" answerable (the service reports it) and
     immune to the alias moving while the artifacts download."""
-    m = re.fullmatch(r"models:/([^/@]+)@(.+)", uri)
-    if not m:
+    ref = parse_model_uri(uri)
+    if ref is None or ref.alias is None:
         return uri
-    return f"models:/{m[1]}/{_client().get_model_version_by_alias(m[1], m[2]).version}"
+    return f"models:/{ref.name}/{_client().get_model_version_by_alias(ref.name, ref.alias).version}"
 
 
 def load_registered_pipeline(uri: str):  # -> diffusers.StableDiffusionPipeline
@@ -321,12 +332,11 @@ def result_of(path: str | os.PathLike[str]) -> dict[str, Any]:
 def source_of(uri: str) -> dict[str, Any]:
     """The run and logged model that produced a model: for ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` the
     registry's record, for a local path its stage's ``result.json``."""
-    m = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@(.+))", uri)
-    if not m:
+    ref = parse_model_uri(uri)
+    if ref is None:
         return result_of(uri)
-    client = _client()
-    mv = client.get_model_version(m[1], m[2]) if m[2] else client.get_model_version_by_alias(m[1], m[3])
-    return {"mlflow_run_id": mv.run_id, "model_id": getattr(mv, "model_id", None), "registered": m[1],
+    mv = _model_version_of(ref)
+    return {"mlflow_run_id": mv.run_id, "model_id": getattr(mv, "model_id", None), "registered": ref.name,
             "version": mv.version}  # fmt: skip
 
 
@@ -440,10 +450,11 @@ def promote(
     if champ is not None:
         ref_name, ref_version, label = name, champ, f"champion (version {champ})"
     elif baseline is not None:
-        m = re.fullmatch(r"models:/([^/@]+)/(\d+)", baseline)
-        if not m:
-            return False, f"baseline must look like models:/NAME/VERSION, got {baseline!r}"
-        ref_name, ref_version, label = m[1], m[2], f"baseline {baseline}"
+        try:
+            ref = model_version(baseline, "baseline")
+        except ValueError as err:
+            return False, str(err)
+        ref_name, ref_version, label = ref.name, ref.version, f"baseline {baseline}"
     if champ == version:
         return False, f"version {version} is already {champion}"
     if ref_name is not None:
@@ -526,13 +537,13 @@ def set_model_metric(name: str, version: str, metric: str, value: float) -> None
 def lineage(model_uri: str) -> list[dict[str, Any]]:
     """Walk from a registered model back to the curated datasets: one entry per stage run."""
     client = _client()
-    m = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@(.+))", model_uri)
-    if not m:
+    ref = parse_model_uri(model_uri)
+    if ref is None:
         raise ValueError(f"expected models:/NAME/VERSION or models:/NAME@ALIAS, got {model_uri!r}")
-    mv = client.get_model_version(m[1], m[2]) if m[2] else client.get_model_version_by_alias(m[1], m[3])
+    mv = _model_version_of(ref)
     chain: list[dict[str, Any]] = []
     seen: set[str] = set()
-    todo = [(mv.run_id, f"{m[1]} version {mv.version}")]
+    todo = [(mv.run_id, f"{ref.name} version {mv.version}")]
     while todo:
         run_id, via = todo.pop(0)
         if not run_id or run_id in seen:

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mole.uris import is_model_uri, parse_model_uri
+
 logger = logging.getLogger(__name__)
 
 
@@ -84,7 +86,7 @@ def evaluate(settings: EvalSettings, output: str | os.PathLike[str]) -> dict[str
     if not settings.scorers:
         raise ValueError("at least one scorer is needed (--scorers clip,hps_v1,...)")
     scorers = [build_scorer(name, settings.scorer_config.get(name, {})) for name in settings.scorers]
-    if settings.model.startswith("models:/"):
+    if is_model_uri(settings.model):
         from mole.tracking import load_registered_pipeline
 
         pipe = load_registered_pipeline(settings.model)
@@ -141,7 +143,6 @@ def evaluate(settings: EvalSettings, output: str | os.PathLike[str]) -> dict[str
 
 def evaluate_tracked(settings: EvalSettings, output: str | os.PathLike[str]) -> dict[str, Any]:
     """Evaluate inside an ``evaluate`` MLflow run; scores also go onto the registered version evaluated."""
-    import re
 
     from mole import tracking
 
@@ -161,9 +162,11 @@ def evaluate_tracked(settings: EvalSettings, output: str | os.PathLike[str]) -> 
             run.log_metrics({name: s["mean"], f"{name}_stderr": s["stderr"]}, step=0)
         for artifact in ("report.md", "report.json", "scores.csv"):
             run.log_artifact(output / artifact, "evaluation")
-        m = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@(.+))", settings.model)
+        ref = parse_model_uri(settings.model)
         version = (
-            (m[1], m[2] or tracking.alias_version(m[1], m[3])) if m else (info.get("registered"), info.get("version"))
+            (ref.name, ref.version or tracking.alias_version(ref.name, ref.alias))
+            if ref
+            else (info.get("registered"), info.get("version"))
         )
         if version[0] and version[1]:
             for name, s in report["scores"].items():
@@ -266,7 +269,7 @@ def compare_gates(
     for i, r in enumerate(reports):
         label = labels[i] if labels else r.get("label", f"run {i}")
         s = r.get("settings", {})
-        if str(s.get("model", "")).startswith("models:/"):
+        if is_model_uri(s.get("model", "")):
             from mole.tracking import load_registered_pipeline
 
             pipe = load_registered_pipeline(s["model"])

@@ -13,13 +13,14 @@ import hashlib
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from mole.uris import is_model_uri, model_version, parse_model_uri
 
 logger = logging.getLogger(__name__)
 
@@ -283,7 +284,7 @@ def train_gates(
                   processes=processes, parent_run_id=parent_run_id, tracking_uri=tracking_uri,
                   experiment=experiment, condition=condition)  # fmt: skip
     gates_file = Path(workdir) / "gates" / "gates.safetensors"
-    return {"model": model if model.startswith("models:/") else "", "gates": str(gates_file)}
+    return {"model": model if is_model_uri(model) else "", "gates": str(gates_file)}
 
 
 def mole_train_args(
@@ -382,7 +383,7 @@ def evaluate(
     if prompts.startswith("s3://"):
         folder = localize(prompts.rsplit("/", 1)[0], Path(workdir) / ".cache" / "prompts")
         prompts = str(folder / prompts.rsplit("/", 1)[1])
-    registered = model.startswith("models:/")
+    registered = is_model_uri(model)
     settings = EvalSettings(
         model=model if registered else base_model,
         experts={} if registered else dict(e.split("=", 1) for e in experts),
@@ -412,23 +413,22 @@ def promote(
     metric = metric or next(iter(scores))
     if metric not in scores:
         raise ValueError(f"promotion metric {metric!r} was not evaluated (scores: {sorted(scores)})")
-    if not tracking.enabled() or not model.startswith("models:/"):
+    if not tracking.enabled() or not is_model_uri(model):
         why = f"tracking is off: nothing registered to promote ({metric}={scores[metric]['mean']:.4f})"
         logger.info(why)
         return why
     # The version this run's gates step registered, never the shared `candidate` alias: a concurrent run may
     # have moved that since.
-    own = re.fullmatch(r"models:/([^/@]+)/(\d+)", model)
-    if not own:
-        raise ValueError(f"promote needs the registered version (models:/NAME/VERSION) of this run, got {model!r}")
+    own = model_version(model, "promote needs the registered version of this run: model")
     # A baseline that is not a registered version (stage 1 from a local path) cannot hold a score: skip it.
-    reference = baseline if re.fullmatch(r"models:/[^/@]+/\d+", baseline or "") else None
-    moved, why = tracking.promote(metric, name=own[1], baseline=reference, version=own[2])
+    ref = parse_model_uri(baseline)
+    reference = baseline if ref is not None and ref.version else None
+    moved, why = tracking.promote(metric, name=own.name, baseline=reference, version=own.version)
     logger.info(why)
     if moved and serve_deployment:
         from mole.pipeline.rollout import roll_out
 
-        why += "; " + roll_out(serve_deployment, namespace or own_namespace(), own[1], own[2], serve_replicas)
+        why += "; " + roll_out(serve_deployment, namespace or own_namespace(), own.name, own.version, serve_replicas)
     return why
 
 
