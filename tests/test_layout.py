@@ -96,3 +96,24 @@ def test_models_uris_are_parsed_in_one_place() -> None:
     for file in (REPO / "src" / "mole").rglob("*.py"):
         if file.name != "uris.py":
             assert not pattern.search(file.read_text(encoding="utf-8")), file
+
+
+def test_name_value_arguments_are_split_in_one_place() -> None:
+    from mole.pairs import parse_pairs, split_pair
+    from mole.pipeline.run import parse_experts, parse_params
+    from mole.train.config import ConfigError, parse_overrides
+
+    assert parse_pairs([" face = /a=b ", "hand=/b"], "--experts") == {"face": "/a=b", "hand": "/b"}
+    for bad, message in (("face", "must look like NAME=VALUE"), ("=x", "must look like"), ("face=", "must look")):
+        with pytest.raises(ValueError, match=message):
+            parse_pairs([bad], "--experts")
+    with pytest.raises(ValueError, match="'face' is given twice"):
+        parse_pairs(["face=/a", "face=/b"], "--experts")
+    assert split_pair("k= v ", "p", strip_value=False) == ("k", " v ")
+    # Every caller goes through it: the same wording wherever a pair is malformed.
+    with pytest.raises(ConfigError, match=r"override must look like section\.key=value"):
+        parse_overrides(["stage1.max_steps"])
+    with pytest.raises(ValueError, match="pipeline parameter must look like KEY=VALUE"):
+        parse_params(["gpus"], {"gpus": {"parameterType": "NUMBER_INTEGER"}})
+    assert parse_params(["prompts= a b"], {"prompts": {}}) == {"prompts": " a b"}  # strings as given
+    assert parse_experts(["face", "feet=feet", "hand=hands"]) == {"face": "faces", "feet": "feet", "hand": "hands"}

@@ -184,7 +184,7 @@ def test_parameters_are_typed() -> None:
         parse_params(["stage1_max_steps=five"], declared)
     with pytest.raises(ValueError, match="expected a JSON object"):
         parse_params(["node_selector=[1]"], declared)
-    with pytest.raises(ValueError, match="not KEY=VALUE"):
+    with pytest.raises(ValueError, match="must look like KEY=VALUE"):
         parse_params(["gate"], declared)
 
 

@@ -80,16 +80,12 @@ def _main(
 
 def parse_named(values: list[str] | None, what: str) -> dict[str, str]:
     """``["face=/a", "hand=/b"]`` → ``{"face": "/a", "hand": "/b"}``, with errors that say what is wrong."""
-    out: dict[str, str] = {}
-    for item in values or []:
-        name, sep, value = item.partition("=")
-        name, value = name.strip(), value.strip()
-        if not sep or not name or not value:
-            raise typer.BadParameter(f"{what} must look like NAME=VALUE, got {item!r}")
-        if name in out:
-            raise typer.BadParameter(f"{what}: {name!r} is given twice")
-        out[name] = value
-    return out
+    from mole.pairs import parse_pairs
+
+    try:
+        return parse_pairs(values, what)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
 
 
 def _fail(err: Exception) -> typer.Exit:

@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mole.pairs import split_pair
+
 logger = logging.getLogger(__name__)
 
 #: The embedded default: tiny model, synthetic data, CLIP score with a tiny CLIP, everything on CPU in minutes.
@@ -34,7 +36,10 @@ def parse_experts(specs: Sequence[str] | None) -> dict[str, str] | None:
         return None
     out: dict[str, str] = {}
     for spec in specs:
-        name, _, kind = spec.partition("=")
+        if "=" in spec:
+            name, kind = split_pair(spec, "expert spec", "NAME or NAME=DATA_KIND", need_value=False)
+        else:
+            name, kind = spec.strip(), ""
         if not name:
             raise ValueError(f"expert spec {spec!r} needs a name (NAME or NAME=DATA_KIND)")
         out[name] = kind or {"face": "faces", "hand": "hands", "foot": "feet"}.get(name, name)
@@ -96,9 +101,7 @@ def parse_params(pairs: Sequence[str], declared: Mapping[str, Mapping[str, Any]]
     """
     out: dict[str, Any] = {}
     for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep:
-            raise ValueError(f"parameter {pair!r} is not KEY=VALUE")
+        key, raw = split_pair(pair, "pipeline parameter", "KEY=VALUE", need_value=False, strip_value=False)
         if key not in declared:
             raise ValueError(f"unknown pipeline parameter {key!r}; the pipeline takes: {', '.join(sorted(declared))}")
         kind = declared[key].get("parameterType", "STRING")

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from mole.pairs import parse_pairs
 from mole.uris import is_model_uri, model_version, parse_model_uri
 
 logger = logging.getLogger(__name__)
@@ -261,7 +262,7 @@ def train(
         train_stage(
             stage, load_config(_resolve_config(config), {}), output=out, data=parse_data(data),
             base=base_model or None, max_steps=max_steps or None, resume="latest", expert_name=expert or None,
-            experts=dict(e.split("=", 1) for e in experts) if experts else None, gate=gate or None,
+            experts=parse_pairs(experts, "experts") or None, gate=gate or None,
             condition=condition or None,
         )  # fmt: skip
     fallback = out / "model" if stage == "stage1" else out
@@ -386,7 +387,7 @@ def evaluate(
     registered = is_model_uri(model)
     settings = EvalSettings(
         model=model if registered else base_model,
-        experts={} if registered else dict(e.split("=", 1) for e in experts),
+        experts={} if registered else parse_pairs(experts, "experts"),
         gates=None if registered or not gates else gates,
         prompts=prompts, num_prompts=num_prompts, repeats=repeats, seed=seed, steps=steps,
         scorers=[s.strip() for s in scorers.split(",") if s.strip()],

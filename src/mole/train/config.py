@@ -21,6 +21,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from mole.pairs import split_pair
+
 StageName = Literal["stage1", "expert", "gates"]
 
 
@@ -215,10 +217,11 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     """``["stage1.optimizer.lr=1e-5"]`` → ``{"stage1.optimizer.lr": 1e-05}`` (values parsed as YAML)."""
     out: dict[str, Any] = {}
     for item in items or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override must look like section.key=value, got {item!r}")
-        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            key, raw = split_pair(item, "override", "section.key=value", need_value=False)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        out[key] = yaml.safe_load(raw) if raw else None
     return out
 
 
