@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -117,3 +119,14 @@ def test_name_value_arguments_are_split_in_one_place() -> None:
         parse_params(["gpus"], {"gpus": {"parameterType": "NUMBER_INTEGER"}})
     assert parse_params(["prompts= a b"], {"prompts": {}}) == {"prompts": " a b"}  # strings as given
     assert parse_experts(["face", "feet=feet", "hand=hands"]) == {"face": "faces", "feet": "feet", "hand": "hands"}
+
+
+def test_tracking_does_not_import_the_service() -> None:
+    """The pyfunc model lives with serving (mole.serve.pyfunc); logging it must not pull in FastAPI."""
+    code = (
+        "import sys, mole.tracking; "
+        "bad = [m for m in ('fastapi', 'uvicorn', 'mole.serve.app', 'mole.serve.service') if m in sys.modules]; "
+        "assert not bad, bad; from mole.serve import ServiceSettings, make_loader; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mole.pyfunc import mole_pyfunc, pyfunc_environment
+from mole.serve.pyfunc import mole_pyfunc, pyfunc_environment
 from mole.storage import StorageError
 from mole.uris import ModelURI, model_version, parse_model_uri
 
@@ -188,12 +188,6 @@ class StageRun:
     def set_tag(self, key: str, value: str) -> None:
         self._mlflow.set_tag(key, value)
 
-    def log_text(self, text: str, artifact_file: str) -> None:
-        self._mlflow.log_text(text, artifact_file)
-
-    def log_dict(self, data: dict, artifact_file: str) -> None:
-        self._mlflow.log_dict(data, artifact_file)
-
     # --- registry --------------------------------------------------------------------------------------
     def register_stage1(self, model_dir: Path) -> ModelRef:
         with self._storing("the stage-1 model"):
@@ -314,7 +308,7 @@ def _system_metrics() -> bool:
 
 
 def _requirements() -> list[str]:
-    from mole.pyfunc import requirements
+    from mole.serve.pyfunc import requirements
 
     return requirements()
 
