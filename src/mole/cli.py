@@ -60,17 +60,18 @@ def _main(
 ) -> None:
     from rich.logging import RichHandler
 
+    from mole.security import RedactingFilter
+
     if not verbose:
         # transformers and diffusers announce optional backends and loading progress on every start.
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
+    handler = RichHandler(show_path=False, rich_tracebacks=False)
+    handler.addFilter(RedactingFilter())  # no log line of any library prints a credential
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
-        force=True,
+        level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", handlers=[handler], force=True
     )
     for noisy in ("diffusers", "transformers", "urllib3", "PIL", "accelerate", "DeepSpeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.INFO)
@@ -78,12 +79,14 @@ def _main(
 
 def parse_named(values: list[str] | None, what: str) -> dict[str, str]:
     """``["face=/a", "hand=/b"]`` → ``{"face": "/a", "hand": "/b"}``, with errors that say what is wrong."""
+    from mole.security import redact
+
     out: dict[str, str] = {}
     for item in values or []:
         name, sep, value = item.partition("=")
         name, value = name.strip(), value.strip()
         if not sep or not name or not value:
-            raise typer.BadParameter(f"{what} must look like NAME=VALUE, got {item!r}")
+            raise typer.BadParameter(redact(f"{what} must look like NAME=VALUE, got {item!r}"))
         if name in out:
             raise typer.BadParameter(f"{what}: {name!r} is given twice")
         out[name] = value
@@ -91,7 +94,9 @@ def parse_named(values: list[str] | None, what: str) -> dict[str, str]:
 
 
 def _fail(err: Exception) -> typer.Exit:
-    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    from mole.security import redact
+
+    typer.secho(redact(f"error: {err}"), fg=typer.colors.RED, err=True)  # messages quote URIs the user gave
     return typer.Exit(code=2)
 
 

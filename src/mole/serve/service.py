@@ -21,7 +21,6 @@ import inspect
 import io
 import logging
 import math
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +31,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from mole.security import redact
 from mole.serve.schemas import MODE_HELP, GenerateRequest
 
 logger = logging.getLogger(__name__)
@@ -67,19 +67,6 @@ class RequestTimeout(TimeoutError):
 
 class _Cancelled(Exception):
     """Raised inside a worker to stop a generation whose request has timed out or the service is closing."""
-
-
-_SECRET_PATTERNS = (
-    (re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/\s:@]+:[^/\s@]+@"), r"\1***@"),  # user:password@ in URIs
-    (re.compile(r"([?&](?:X-Amz-[\w-]+|token|sig|signature|key|access_key|secret)=)[^&\s]+", re.I), r"\1***"),
-)
-
-
-def redact(text: str) -> str:
-    """``text`` with URI credentials and signed-URL tokens masked: what goes into logs and error bodies."""
-    for pattern, repl in _SECRET_PATTERNS:
-        text = pattern.sub(repl, text)
-    return text
 
 
 @dataclass

@@ -1,0 +1,123 @@
+"""The hardening rules of docs/security.md: one name rule, one redaction, unsafe URIs refused early."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mole.cli import app
+
+runner = CliRunner()
+PASSWORD = "hunter2pass"
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+# --- redaction ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"http://user:{PASSWORD}@mlflow.example:5000",
+        f"postgresql://mole:{PASSWORD}@db/mlflow",
+        f"s3://user:{PASSWORD}@bucket/x",
+        f"http:/user:{PASSWORD}@host/m is not a folder",  # what pathlib makes of a URI
+        f"https://{PASSWORD}@github.com/org/repo",  # a token as the user
+        f"https://b.s3.example/k?X-Amz-Signature={PASSWORD}&X-Amz-Date=1",
+    ],
+)
+def test_redact_masks_uri_credentials(text: str) -> None:
+    from mole.security import redact
+
+    assert PASSWORD not in redact(text) and "***" in redact(text)
+
+
+def test_redact_masks_environment_secrets_and_keeps_plain_text(monkeypatch) -> None:
+    from mole.security import redact
+
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    assert redact(f"login failed with {PASSWORD}") == "login failed with ***"
+    assert redact("s3://bucket/raw/faces at http://host:5000") == "s3://bucket/raw/faces at http://host:5000"
+
+
+def test_one_redaction_everywhere() -> None:
+    """storage, serve and tracking use the same function (one home for the rule)."""
+    from mole import security, storage, tracking
+    from mole.serve import service
+
+    assert storage.redact is security.redact and service.redact is security.redact
+    assert tracking.redact_text is security.redact
+
+
+def test_params_never_store_uri_credentials(monkeypatch) -> None:
+    from mole.tracking import redact
+
+    monkeypatch.setenv("MOLE_TEST_TOKEN", "tok-abcdef-123")
+    flat = redact({"output": f"s3://user:{PASSWORD}@bucket/x", "data": {"paths": ["http://u:tok-abcdef-123@h/d"]},
+                   "aws_secret": "plain"})  # fmt: skip
+    assert flat["output"] == "s3://***@bucket/x"
+    assert "tok-abcdef-123" not in flat["data.paths"] and flat["aws_secret"] == "***"
+
+
+def test_log_filter_masks_every_record() -> None:
+    from mole.security import RedactingFilter
+
+    record = logging.LogRecord("mole.tracking", logging.INFO, __file__, 1, "MLflow run %s at %s", None, None)
+    record.args = ("abc", f"http://user:{PASSWORD}@host")
+    assert RedactingFilter().filter(record)
+    assert PASSWORD not in record.getMessage() and "abc" in record.getMessage()
+
+
+def test_cli_error_messages_never_show_uri_credentials(tmp_path: Path) -> None:
+    from mole.data.synthetic import write_dataset
+
+    data = write_dataset(tmp_path / "faces", "faces", 4, seed=0, size=32) and tmp_path / "faces"
+    cases = [
+        ["serve", "--model", f"http://user:{PASSWORD}@example.invalid/m"],
+        ["train", "stage1", "--config", str(TINY), "--base", f"s3://user:{PASSWORD}@bucket/m", "--data", str(data),
+         "--output", str(tmp_path / "o")],
+        ["train", "stage1", "--config", str(TINY), "--data", f"s3://user:{PASSWORD}@bucket/d",
+         "--output", str(tmp_path / "o")],
+        ["curate", "faces", "--input", f"s3://user:{PASSWORD}@bucket/raw", "--output", str(tmp_path / "c")],
+        ["curate", "faces", "--input", str(tmp_path), "--output", f"s3://user:{PASSWORD}@bucket/out"],
+    ]  # fmt: skip
+    for args in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert PASSWORD not in result.output and "***" in result.output, result.output
+
+
+# --- unsafe s3:// URIs ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("uri", ["s3://raw/../../x", "s3://raw/a/./b", "s3://raw/.."])
+def test_s3_dot_segments_cannot_escape_the_download_cache(uri: str, tmp_path: Path) -> None:
+    from mole.storage import StorageURIError, localize
+
+    with pytest.raises(StorageURIError, match=r"'\.\.'"):
+        localize(uri, tmp_path / "cache")
+    assert not any(tmp_path.parent.glob("x"))
+
+
+@pytest.mark.slow
+def test_tracking_uri_and_params_with_credentials_never_reach_log_or_server(mlflow_server, monkeypatch, caplog):
+    """A tracking URI with user:password (basic auth in the URI) is masked in mole's log line, and an output URI
+    with credentials is stored masked as a param."""
+    import mlflow
+
+    from mole.tracking import StageRun
+
+    monkeypatch.setenv("MOLE_TRACKING", "on")
+    monkeypatch.setenv("MOLE_SYSTEM_METRICS", "off")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri.replace("http://", f"http://user:{PASSWORD}@"))
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "mole-security")
+    caplog.set_level(logging.INFO, logger="mole")
+    with StageRun("curate") as run:
+        run.log_params({"output": f"s3://user:{PASSWORD}@bucket/x"})
+    assert "MLflow run" in caplog.text and PASSWORD not in caplog.text
+    stored = mlflow.MlflowClient(mlflow_server.uri).get_run(run.run_id).data.params
+    assert stored["output"] == "s3://***@bucket/x"
