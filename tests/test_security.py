@@ -121,3 +121,43 @@ def test_tracking_uri_and_params_with_credentials_never_reach_log_or_server(mlfl
     assert "MLflow run" in caplog.text and PASSWORD not in caplog.text
     stored = mlflow.MlflowClient(mlflow_server.uri).get_run(run.run_id).data.params
     assert stored["output"] == "s3://***@bucket/x"
+
+
+# --- checkpoints never unpickle ---------------------------------------------------------------------------------
+
+
+class _Plant:
+    """Unpickling this runs ``Path.touch`` on a marker: what a malicious checkpoint file could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.slow
+def test_resume_never_unpickles_a_planted_checkpoint_file(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import pickle
+
+    import torch
+
+    from mole.data.synthetic import write_dataset
+    from mole.train.checkpoint import EMA_WEIGHTS, list_checkpoints
+
+    write_dataset(tmp_path / "faces", "faces", 4, seed=0, size=32)
+    args = ["train", "expert", "--name", "face", "--config", str(TINY), "--data", str(tmp_path / "faces"),
+            "--output", str(tmp_path / "out"), "--base", str(tiny_model_dir), "--resume", "latest",
+            "--set", "experts.face.checkpoint_every=1", "--set", "experts.face.ema_decay=0.9",
+            "--set", "experts.face.validation_prompts=[]"]  # fmt: skip
+    first = runner.invoke(app, [*args, "--max-steps", "1"])
+    assert first.exit_code == 0, first.output
+    (checkpoint,) = list_checkpoints(tmp_path / "out")
+    assert (checkpoint / EMA_WEIGHTS).is_file()
+    assert not list(checkpoint.glob("custom_checkpoint_*"))  # the EMA is no pickle any more
+    marker = tmp_path / "pwned"
+    with open(checkpoint / "custom_checkpoint_0.pkl", "wb") as f:
+        torch.save(_Plant(marker), f, pickle_module=pickle)
+    resumed = runner.invoke(app, [*args, "--max-steps", "2"])
+    assert not marker.exists(), "resuming ran code from a checkpoint file"
+    assert resumed.exit_code == 2 and "custom_checkpoint_0.pkl" in resumed.output, resumed.output

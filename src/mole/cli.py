@@ -278,13 +278,14 @@ def _train(stage: str, config: Path | None, overrides: list[str] | None, **kwarg
     from mole.data.shards import DatasetError
     from mole.storage import StorageError
     from mole.train import ConfigError, load_config, train_stage
+    from mole.train.checkpoint import CheckpointError
     from mole.train.config import parse_overrides
     from mole.train.stages import StageError
 
     try:
         recipe = load_config(config, parse_overrides(overrides))
         result = train_stage(stage, recipe, **kwargs)
-    except (ConfigError, StageError, DatasetError, StorageError, FileNotFoundError) as err:
+    except (ConfigError, StageError, CheckpointError, DatasetError, StorageError, FileNotFoundError) as err:
         raise _fail(err) from err
     if result.result is not None:  # only the main process reports
         typer.echo(

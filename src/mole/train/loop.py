@@ -253,8 +253,7 @@ def run_training(
         cache = FeatureCache(stage, dataset, cfg.cache_latents, cfg.cache_text, accelerator.device)
     model, optimizer, lr_scheduler = accelerator.prepare(stage.model, optimizer, lr_scheduler)
     if ema is not None:
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+        ema.to(accelerator.device)  # saved by ckpt.save_ema, not register_for_checkpointing (a pickle)
 
     resume_from = ckpt.resolve_resume(output, resume)
     start_step = int(ckpt.read_state(resume_from)["step"]) if resume_from is not None else 0
@@ -272,7 +271,11 @@ def run_training(
     )
     batches = iter(loader)
     if resume_from is not None:
+        ckpt.refuse_pickles(resume_from)
         accelerator.load_state(str(resume_from))
+        if ema is not None:
+            ckpt.load_ema(ema, resume_from)
+            ema.to(accelerator.device)
         logger.info("resumed from %s at step %d", resume_from, start_step)
     if start_step >= cfg.max_steps:
         logger.info("already at step %d of %d: nothing to train", start_step, cfg.max_steps)
@@ -329,6 +332,8 @@ def run_training(
             accelerator.save_state(str(ckpt.temp_path(output, step)))
             accelerator.wait_for_everyone()
             if main:
+                if ema is not None:
+                    ckpt.save_ema(ema, ckpt.temp_path(output, step))
                 ckpt.finalize(output, step, {"stage": stage.name, "loss": loss_value}, cfg.keep_checkpoints)
             accelerator.wait_for_everyone()
         if cfg.validation_every and step % cfg.validation_every == 0:
