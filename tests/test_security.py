@@ -161,3 +161,68 @@ def test_resume_never_unpickles_a_planted_checkpoint_file(tiny_model_dir: Path, 
     resumed = runner.invoke(app, [*args, "--max-steps", "2"])
     assert not marker.exists(), "resuming ran code from a checkpoint file"
     assert resumed.exit_code == 2 and "custom_checkpoint_0.pkl" in resumed.output, resumed.output
+
+
+# --- names ----------------------------------------------------------------------------------------------------
+
+BAD_NAMES = ["/some/dir", "../../X", "", "a.b", "Face", "1face", "face/../x", "a b", "x" * 65]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_check_name_refuses_what_could_become_a_path(name: str) -> None:
+    from mole.security import InvalidNameError, check_name
+
+    with pytest.raises(InvalidNameError, match="is not allowed"):
+        check_name(name)
+
+
+@pytest.mark.parametrize("name", ["face", "hand", "feet", "left_hand", "face-2"])
+def test_check_name_accepts_ordinary_names(name: str) -> None:
+    from mole.security import check_name
+
+    assert check_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["/some/dir", "../../X", "a.b"])
+def test_cli_refuses_bad_expert_names_before_any_work(name: str, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    spec = f"{name}=models:/mole-expert-face/1"
+    for args in (
+        ["train", "gates", "--config", str(TINY), "--experts", spec, "--output", str(tmp_path / "o")],
+        ["generate", "--model", str(tmp_path), "--prompt", "p", "--output", "x.png", "--experts", spec],
+        ["serve", "--model", str(tmp_path), "--experts", spec],
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and "is not allowed" in result.output, (args, result.output)
+    result = runner.invoke(app, ["train", "expert", "--name", name, "--config", str(TINY)])
+    assert result.exit_code == 2 and "is not allowed" in result.output, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written anywhere
+
+
+def test_config_sections_and_library_refuse_bad_names(tiny_unet) -> None:
+    from mole.inject import apply_mole
+    from mole.pipeline.run import parse_experts
+    from mole.security import InvalidNameError
+    from mole.tracking import expert_model_name
+    from mole.train import ConfigError, load_config
+    from mole.train.config import parse_overrides
+
+    with pytest.raises(ConfigError, match=r"experts.*'a\.b' is not allowed"):
+        load_config(TINY, parse_overrides(["gates.experts={'a.b': '/x'}"]))
+    with pytest.raises(ConfigError, match="is not allowed"):
+        load_config(None, {"experts": {"../x": {}}})
+    for call in (lambda: apply_mole(tiny_unet, {"": "x.safetensors"}), lambda: expert_model_name("../x"),
+                 lambda: parse_experts(["../../X=faces"]), lambda: parse_experts(["feet=../../x"])):  # fmt: skip
+        with pytest.raises(InvalidNameError):
+            call()
+
+
+def test_pipeline_steps_refuse_bad_names(tmp_path: Path) -> None:
+    from mole.pipeline import steps
+    from mole.security import InvalidNameError
+
+    with pytest.raises(InvalidNameError):
+        steps.train(stage="expert", config=str(TINY), data="d", base_model="b", workdir=str(tmp_path), expert="../x")
+    with pytest.raises(InvalidNameError):
+        steps.data(kind="../../x", workdir=str(tmp_path), source="synthetic", raw_inputs={})
+    assert list(tmp_path.iterdir()) == []

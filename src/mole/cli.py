@@ -79,7 +79,7 @@ def _main(
 
 def parse_named(values: list[str] | None, what: str) -> dict[str, str]:
     """``["face=/a", "hand=/b"]`` → ``{"face": "/a", "hand": "/b"}``, with errors that say what is wrong."""
-    from mole.security import redact
+    from mole.security import InvalidNameError, check_name, redact
 
     out: dict[str, str] = {}
     for item in values or []:
@@ -89,6 +89,10 @@ def parse_named(values: list[str] | None, what: str) -> dict[str, str]:
             raise typer.BadParameter(redact(f"{what} must look like NAME=VALUE, got {item!r}"))
         if name in out:
             raise typer.BadParameter(f"{what}: {name!r} is given twice")
+        try:
+            check_name(name, f"{what}: name")  # every NAME here is an expert name: it becomes a folder
+        except InvalidNameError as err:
+            raise typer.BadParameter(str(err)) from None
         out[name] = value
     return out
 

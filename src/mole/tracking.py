@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mole.security import is_secret_key
+from mole.security import check_name, is_secret_key
 from mole.security import redact as redact_text
 from mole.storage import StorageError
 
@@ -37,7 +37,8 @@ REGISTERED = {"stage1": "mole-stage1", "mole": "mole"}
 
 
 def expert_model_name(expert: str) -> str:
-    return f"mole-expert-{expert}"
+    """The registered model of expert ``expert``; the name is checked first (it names a registry entry)."""
+    return f"mole-expert-{check_name(expert)}"
 
 
 def enabled() -> bool:

@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mole.security import check_name
+
 logger = logging.getLogger(__name__)
 
 #: Human-centric prompts for the embedded default's evaluation (faces, hands, people).
@@ -91,6 +93,7 @@ def data(
     from mole.data.shards import read_index
 
     _tracking(tracking_uri, experiment, parent_run_id)
+    check_name(kind, "data kind")  # it becomes a folder and a prefix below
     output = f"{data_root.rstrip('/')}/{kind}" if data_root else str(Path(workdir) / "data" / kind)
     if source == "synthetic":
         from mole.data.synthetic import write_dataset
@@ -149,6 +152,10 @@ def train(
     gates' ``none``/``timestep`` (empty: the config's).
     """
     _tracking(tracking_uri, experiment, parent_run_id)
+    if stage == "expert":
+        check_name(expert, "expert")  # a pipeline parameter: it becomes the folder below
+    for spec in experts or []:
+        check_name(spec.partition("=")[0], "experts")
     out = Path(workdir) / (f"expert-{expert}" if stage == "expert" else stage)
     args = mole_train_args(stage, config, data, base_model, out, expert=expert, experts=experts, gate=gate,
                            max_steps=max_steps, condition=condition)  # fmt: skip

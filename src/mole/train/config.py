@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mole.security import InvalidNameError, check_name
 
 StageName = Literal["stage1", "expert", "gates"]
 
@@ -152,7 +154,14 @@ class GatesConfig(TrainConfig):
     projection of the UNet's timestep embedding added to the gate logits, so the mixture can change over the
     denoising steps (Face-MoGLE's time-dependent gates). Saved with the gates; generation reads it from there."""
     experts: dict[str, str] = {}
-    """Expert name → LoRA path, in gate order (overridden by ``--experts``); any number of experts."""
+    """Expert name → LoRA path, in gate order (overridden by ``--experts``); any number of experts. Names follow
+    :data:`mole.security.NAME_PATTERN` (they become folder and registered-model names)."""
+
+    @field_validator("experts")
+    @classmethod
+    def _expert_names(cls, value: dict[str, str]) -> dict[str, str]:
+        return {check_name(k): v for k, v in value.items()}
+
     init_bias: float = 0.0
     """Initial gate bias; gates start at sigmoid(init_bias)."""
 
@@ -165,7 +174,13 @@ class MoleConfig(_Strict):
     stage1: Stage1Config = Stage1Config()
     """Stage 1: fine-tune on the human-centric dataset."""
     experts: dict[str, ExpertConfig] = {}
-    """Stage 2: one LoRA expert per entry (face, hand, ...)."""
+    """Stage 2: one LoRA expert per entry (face, hand, ...); names follow :data:`mole.security.NAME_PATTERN`."""
+
+    @field_validator("experts")
+    @classmethod
+    def _expert_names(cls, value: dict[str, ExpertConfig]) -> dict[str, ExpertConfig]:
+        return {check_name(k): v for k, v in value.items()}
+
     gates: GatesConfig = GatesConfig()
     """Stage 3: the soft mixture."""
 
@@ -238,6 +253,10 @@ def stage_config(config: MoleConfig, stage: StageName, expert: str | None = None
         return config.gates
     if expert is None:
         raise ConfigError("the expert stage needs an expert name (--name)")
+    try:
+        check_name(expert, "--name")
+    except InvalidNameError as err:
+        raise ConfigError(str(err)) from None
     if expert not in config.experts:
         raise ConfigError(f"no experts.{expert} section in the config; it has {sorted(config.experts) or 'none'}")
     return config.experts[expert]
