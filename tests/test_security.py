@@ -226,3 +226,48 @@ def test_pipeline_steps_refuse_bad_names(tmp_path: Path) -> None:
     with pytest.raises(InvalidNameError):
         steps.data(kind="../../x", workdir=str(tmp_path), source="synthetic", raw_inputs={})
     assert list(tmp_path.iterdir()) == []
+
+
+# --- shards are verified before training --------------------------------------------------------------------------
+
+
+def _one_shard_dataset(tmp_path: Path) -> tuple[Path, Path]:
+    from mole.data.shards import read_index
+    from mole.data.synthetic import write_dataset
+
+    root = tmp_path / "faces"
+    write_dataset(root, "faces", 16, seed=0, size=32)
+    return root, root / read_index(root).shards[0].path
+
+
+@pytest.mark.parametrize("damage", ["truncate", "random", "index_count"])
+def test_training_refuses_a_damaged_shard_naming_it(damage: str, tmp_path: Path) -> None:
+    import json
+    import os
+
+    from mole.data.shards import DatasetError
+    from mole.train.data import index_samples
+
+    root, shard = _one_shard_dataset(tmp_path)
+    if damage == "truncate":
+        data = shard.read_bytes()
+        shard.write_bytes(data[: len(data) // 3])
+    elif damage == "random":
+        shard.write_bytes(os.urandom(shard.stat().st_size))
+    else:  # an index that lies about the count (its sha256 values still match)
+        index = json.loads((root / "dataset.json").read_text())
+        index["shards"][0]["num_samples"] += 1
+        index["num_samples"] += 1
+        (root / "dataset.json").write_text(json.dumps(index))
+    with pytest.raises(DatasetError, match=rf"shard {shard.name}.*(sha256|holds 16 samples)"):
+        index_samples(root)
+
+
+def test_train_cli_fails_with_the_shard_name(tiny_model_dir: Path, tmp_path: Path) -> None:
+    root, shard = _one_shard_dataset(tmp_path)
+    shard.write_bytes(shard.read_bytes()[:30_000])
+    args = ["train", "stage1", "--config", str(TINY), "--data", str(root), "--base", str(tiny_model_dir),
+            "--output", str(tmp_path / "o"), "--max-steps", "1"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and shard.name in result.output and "sha256" in result.output, result.output
+    assert not (tmp_path / "o" / "result.json").exists()
