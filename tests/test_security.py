@@ -271,3 +271,42 @@ def test_train_cli_fails_with_the_shard_name(tiny_model_dir: Path, tmp_path: Pat
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and shard.name in result.output and "sha256" in result.output, result.output
     assert not (tmp_path / "o" / "result.json").exists()
+
+
+# --- resume notices change --------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_resume_refuses_changed_data_or_settings_unless_told(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    from mole.data.synthetic import write_dataset
+
+    for kind in ("faces", "hands"):
+        write_dataset(tmp_path / kind, kind, 4, seed=0, size=32)
+    out = tmp_path / "out"
+
+    def train(kind: str, steps: int, lr: str, *extra: str):
+        return runner.invoke(app, [
+            "train", "expert", "--name", "face", "--config", str(TINY), "--data", str(tmp_path / kind), "--output",
+            str(out), "--base", str(tiny_model_dir), "--resume", "latest", "--max-steps", str(steps),
+            "--set", "experts.face.checkpoint_every=1", "--set", "experts.face.log_every=1",
+            "--set", "experts.face.validation_prompts=[]", "--set", f"experts.face.optimizer.lr={lr}", *extra,
+        ])  # fmt: skip
+
+    assert train("faces", 1, "1e-4").exit_code == 0
+    params = (out / "params.json").read_text()
+    refused = train("hands", 2, "3e-4")
+    assert refused.exit_code == 2, refused.output
+    assert "refusing to resume" in refused.output and "data: digest" in refused.output
+    assert "optimizer.lr: 0.0001 -> 0.0003" in refused.output
+    assert (out / "params.json").read_text() == params  # nothing recorded for a run that did not happen
+    assert train("faces", 2, "1e-4").exit_code == 0  # more steps is the same work
+    allowed = train("hands", 3, "3e-4", "--resume-changed")
+    assert allowed.exit_code == 0, allowed.output
+    recorded = json.loads((out / "params.json").read_text())
+    assert recorded["expert"]["optimizer"]["lr"] == 3e-4 and recorded["resume_changed"]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lrs = {line["step"]: line["lr"] for line in lines if "lr" in line}
+    assert lrs[2] == pytest.approx(1e-4) and lrs[3] == pytest.approx(3e-4)  # the new lr is what ran
+    assert json.loads((out / "result.json").read_text())["data"].endswith("hands")

@@ -274,6 +274,14 @@ ResumeOpt = Annotated[
     str | None,
     typer.Option(help="'latest' (newest checkpoint in OUTPUT, or a fresh start) or a checkpoint path."),
 ]
+ResumeChangedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume-changed",
+        help="Resume even though the data or settings differ from the checkpoint's run (refused otherwise); the "
+        "new ones apply from the resumed step on.",
+    ),
+]
 BaseOpt = Annotated[str | None, typer.Option(help="Model to start from (overrides model.base).")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Config override section.key=value; repeatable.")]
 
@@ -305,11 +313,13 @@ def train_stage1(
     output: OutputOpt = None,
     max_steps: StepsOpt = None,
     resume: ResumeOpt = None,
+    resume_changed: ResumeChangedOpt = False,
     base: BaseOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Stage 1: fine-tune the UNet (and by default the text encoder) on the human-centric dataset."""
-    _train("stage1", config, set_, output=output, data=data, base=base, max_steps=max_steps, resume=resume)
+    _train("stage1", config, set_, output=output, data=data, base=base, max_steps=max_steps, resume=resume,
+           resume_changed=resume_changed)  # fmt: skip
 
 
 @train_app.command("expert")
@@ -326,13 +336,14 @@ def train_expert(
     output: OutputOpt = None,
     max_steps: StepsOpt = None,
     resume: ResumeOpt = None,
+    resume_changed: ResumeChangedOpt = False,
     base: BaseOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Stage 2: one LoRA expert on the stage-1 UNet (run once per expert; they are independent)."""
     _train(
         "expert", config, set_, output=output, data=data, base=base, max_steps=max_steps, resume=resume,
-        expert_name=name,
+        expert_name=name, resume_changed=resume_changed,
     )  # fmt: skip
 
 
@@ -354,6 +365,7 @@ def train_gates(
     output: OutputOpt = None,
     max_steps: StepsOpt = None,
     resume: ResumeOpt = None,
+    resume_changed: ResumeChangedOpt = False,
     base: BaseOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -364,6 +376,7 @@ def train_gates(
     _train(
         "gates", config, set_, output=output, data=data, base=base, max_steps=max_steps, resume=resume,
         experts=parse_named(experts, "--experts") or None, gate=gate, condition=condition,
+        resume_changed=resume_changed,
     )  # fmt: skip
 
 

@@ -126,3 +126,67 @@ def load_ema(ema: Any, folder: Path) -> None:
         trains = len(ema.shadow_params)
         raise CheckpointError(f"{folder}: the EMA holds {len(tensors)} tensors, this model trains {trains}")
     ema.load_state_dict({**state, "shadow_params": [tensors[f"shadow.{i:05d}"] for i in range(count)]})
+
+
+#: Settings that may differ between a run and its resumption: they change how long it runs, what it reports and
+#: where, never what a step computes (``data`` is a path: the dataset's digest stands for its content).
+RESUMABLE_SETTINGS = (
+    "max_steps", "output", "data", "base_local", "checkpoint_every", "keep_checkpoints", "log_every",
+    "validation_every", "validation_prompts", "validation_steps", "num_workers",
+)  # fmt: skip
+GUARD_KEY = "resume_guard"
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = value if isinstance(value, str | int | float | bool | type(None)) else json.dumps(value)
+    return out
+
+
+def resume_guard(data_digest: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint records so that a resumption can prove it continues the same work: the dataset digest
+    and every setting that changes what a step computes (flattened to dotted keys)."""
+    flat = _flatten("", settings, {})
+    kept = {k: v for k, v in flat.items() if k.rsplit(".", 1)[-1] not in RESUMABLE_SETTINGS}
+    return {"data_digest": data_digest, "settings": dict(sorted(kept.items()))}
+
+
+def resume_changes(checkpoint: Path, guard: dict[str, Any]) -> list[str] | None:
+    """What differs between the run that wrote ``checkpoint`` and this one (``key: old -> new``), or None when the
+    checkpoint predates the guard and nothing can be compared."""
+    recorded = read_state(checkpoint).get(GUARD_KEY)
+    if not isinstance(recorded, dict):
+        return None
+    changes = []
+    if recorded.get("data_digest") != guard["data_digest"]:
+        changes.append(f"data: digest {str(recorded.get('data_digest'))[:12]} -> {guard['data_digest'][:12]}")
+    old, new = recorded.get("settings", {}), guard["settings"]
+    for key in sorted(set(old) | set(new)):
+        if old.get(key, "<unset>") != new.get(key, "<unset>"):
+            changes.append(f"{key}: {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}")
+    return changes
+
+
+def check_resume(checkpoint: Path, guard: dict[str, Any], *, allow_changed: bool) -> list[str]:
+    """Refuse to resume ``checkpoint`` with other data or other hyperparameters unless ``allow_changed``.
+
+    Returns:
+        The changes that are allowed (empty when it is the same work).
+
+    Raises:
+        CheckpointError: Something changed and ``allow_changed`` is false; the message lists what.
+    """
+    changes = resume_changes(checkpoint, guard)
+    if changes is None:
+        logger.warning("%s predates resume checks: cannot tell whether data or settings changed", checkpoint)
+        return []
+    if changes and not allow_changed:
+        raise CheckpointError(
+            f"refusing to resume {checkpoint}: this run differs from the one that wrote it ({'; '.join(changes)}). "
+            "Give the same data and settings, start fresh in another --output, or pass --resume-changed to continue "
+            "from these weights with the new data and settings"
+        )
+    return changes
