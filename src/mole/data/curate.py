@@ -26,6 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from mole.data.crops import Deduplicator, crop_resize, phash, sliding_windows
+from mole.data.curate_state import STATE_FILE, begin, work_state
 from mole.data.ingest import (
     MAX_PIXELS,
     Rejected,
@@ -179,8 +180,10 @@ class _Worker:
         index, source = task
         path = self.root / source
         record: dict[str, Any] = {"source": source, "status": "rejected", "reason": None, "samples": 0}
-        record.update(self.sources.lookup(path, self.root) or {})
-        record.setdefault("license", None)
+        # The --sources row goes under its own key: its columns can never touch the record's own fields.
+        provenance = dict(self.sources.lookup(path, self.root) or {})
+        record["provenance"] = provenance
+        record["license"] = str(provenance["license"]) if provenance.get("license") is not None else None
         try:
             record["sha256"] = sha256_file(path)
             image = load_image(path, max_pixels=self.cfg.max_pixels, min_side=self.cfg.min_side)
@@ -290,7 +293,8 @@ def curate(
         kind: ``scenes`` (sliding-window crops), ``faces`` or ``hands`` (close-up crops).
         attributes: Table keyed by file name whose columns go into each sample's metadata.
         sources: Table keyed by file name with license/provenance columns for the manifest.
-        overwrite: Start over instead of resuming an interrupted curation in ``output``.
+        overwrite: Start over instead of resuming an interrupted curation in ``output``. Without it, a resumed
+            curation must be the same work (inputs, settings, tables; :mod:`mole.data.curate_state`).
         meta: Extra entries for the dataset index's ``meta`` (the tracking run id, for lineage).
     """
     from tqdm.auto import tqdm
@@ -298,7 +302,7 @@ def curate(
     cfg = cfg or CurateConfig()
     root, out = Path(input_dir), Path(output)
     if overwrite and out.exists():
-        for name in (INDEX_FILE, "manifest.jsonl", "stats.json"):
+        for name in (INDEX_FILE, "manifest.jsonl", "stats.json", STATE_FILE):
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / "chunks", ignore_errors=True)
     elif (out / INDEX_FILE).exists():
@@ -307,6 +311,8 @@ def curate(
     if not inputs:
         raise ValueError(f"no images in {root} (looked for {', '.join(sorted({'.jpg', '.png', '.webp'}))}...)")
     attr_table, source_table = read_table(attributes), read_table(sources)
+    state = work_state(kind, root, inputs, cfg.model_dump(), {"attributes": attributes, "sources": sources})
+    begin(out, state, has_chunks=(out / "chunks").is_dir() and any((out / "chunks").iterdir()))
     workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
     per = cfg.inputs_per_shard
     chunks = [(c, list(enumerate(inputs))[c * per : (c + 1) * per]) for c in range((len(inputs) + per - 1) // per)]
@@ -381,7 +387,8 @@ def _finish(
             for shard in index.shards if index else []:
                 shards.append(ShardInfo(f"chunks/{c:06d}/{shard.path}", shard.num_samples, shard.sha256))
     os.replace(out / "manifest.jsonl.tmp", out / "manifest.jsonl")
-    assert status["kept"] + status["rejected"] == n_inputs, "an input is missing from the manifest"
+    if set(status) - {"kept", "rejected"} or status["kept"] + status["rejected"] != n_inputs:
+        raise RuntimeError(f"{out}: the manifest accounts for {dict(status)} of {n_inputs} inputs")
     stats = {
         "inputs": n_inputs,
         "kept": status["kept"],

@@ -1,0 +1,118 @@
+"""Curation that cannot silently lose or mix data: resumes prove they continue the same work, --sources stays
+in its own key, symlinks stay inside --input, extreme shapes are refused, bad configs get errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from mole.cli import app
+from mole.data.curate import CurateConfig, curate
+
+runner = CliRunner()
+
+
+def _raw(root: Path, count: int, start: int = 0, prefix: str = "img") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(start, start + count):
+        rng = np.random.default_rng(i)
+        Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(root / f"{prefix}{i:03d}.png")
+    return root
+
+
+def _cfg(**kw) -> CurateConfig:
+    base = {"size": 32, "window": 96, "min_side": 32, "filters": {}, "default_caption": "a photo",
+            "inputs_per_shard": 2, "dedup_distance": None}  # fmt: skip
+    return CurateConfig.model_validate({**base, **kw})
+
+
+def _interrupt(out: Path) -> None:
+    """What a SIGKILL leaves: finished chunks, the last one dropped, no index."""
+    shutil.rmtree(sorted((out / "chunks").iterdir())[-1])
+    (out / "dataset.json").unlink()
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+# --- resume proves it is the same work -----------------------------------------------------------------------
+
+
+def test_resume_with_added_inputs_is_refused_and_overwrite_redoes(tmp_path: Path) -> None:
+    raw, out = _raw(tmp_path / "raw", 6), tmp_path / "out"
+    curate("scenes", raw, out, _cfg(), workers=1, progress=False)
+    _interrupt(out)
+    _raw(raw, 2, start=100)  # two new inputs that sort last
+    _raw(raw, 1, start=200, prefix="a")  # and one that sorts first: every chunk's contents shift
+    with pytest.raises(ValueError, match=r"input files changed \(6 -> 9 files"):
+        curate("scenes", raw, out, _cfg(), workers=1, progress=False)
+    stats = curate("scenes", raw, out, _cfg(), workers=1, progress=False, overwrite=True)
+    sources = [r["source"] for r in _records(out)]
+    assert stats["inputs"] == 9 and len(sources) == len(set(sources)) == 9
+
+
+def test_resume_with_other_settings_is_refused_naming_them(tmp_path: Path) -> None:
+    raw, out = _raw(tmp_path / "raw", 6), tmp_path / "out"
+    curate("scenes", raw, out, _cfg(), workers=1, progress=False)
+    _interrupt(out)
+    with pytest.raises(ValueError, match=r"size: 32 -> 16.*image_format: 'png' -> 'jpg'|image_format.*size"):
+        curate("scenes", raw, out, _cfg(size=16, image_format="jpg"), workers=1, progress=False)
+    again = curate("scenes", raw, out, _cfg(), workers=1, progress=False)  # the same work resumes
+    assert again["inputs"] == 6 and again["kept"] == 6
+
+
+def test_cli_resume_refusal_is_an_error_not_a_traceback(tmp_path: Path) -> None:
+    raw, out = _raw(tmp_path / "raw", 4), tmp_path / "out"
+    args = [
+        "curate",
+        "scenes",
+        "--input",
+        str(raw),
+        "--output",
+        str(out),
+        "--set",
+        "size=32",
+        "--set",
+        "window=96",
+        "--set",
+        "min_side=32",
+        "--set",
+        "default_caption=x",
+        "--set",
+        "inputs_per_shard=2",
+        "--workers",
+        "1",
+    ]
+    assert runner.invoke(app, args).exit_code == 0
+    _interrupt(out)
+    result = runner.invoke(app, [*args, "--set", "image_format=jpg"])
+    assert result.exit_code == 2 and "--overwrite" in result.output and "image_format" in result.output
+
+
+# --- --sources cannot touch the record's own fields ------------------------------------------------------------
+
+
+def test_sources_columns_stay_under_their_own_key(tmp_path: Path) -> None:
+    raw, out = _raw(tmp_path / "raw", 3), tmp_path / "out"
+    (raw / "img001.png").write_bytes(b"not a png")  # unreadable: must stay rejected
+    table = tmp_path / "sources.csv"
+    table.write_text(
+        "file_name,source,status,reason,samples,license\n"
+        "img000.png,../../etc/shadow,approved,none,99,CC-BY-4.0\n"
+        "img001.png,elsewhere,kept,,5,CC0\n"
+    )
+    stats = curate("scenes", raw, out, _cfg(), workers=1, progress=False, sources=table)
+    records = {r["source"]: r for r in _records(out)}
+    assert set(records) == {"img000.png", "img001.png", "img002.png"}
+    assert records["img000.png"]["status"] == "kept" and records["img000.png"]["samples"] == 1
+    assert records["img000.png"]["license"] == "CC-BY-4.0"
+    assert records["img000.png"]["provenance"]["source"] == "../../etc/shadow"
+    assert records["img001.png"]["status"] == "rejected" and records["img001.png"]["reason"] == "not an image"
+    assert stats["kept"] == 2 and stats["rejected"] == 1
