@@ -116,3 +116,40 @@ def test_sources_columns_stay_under_their_own_key(tmp_path: Path) -> None:
     assert records["img000.png"]["provenance"]["source"] == "../../etc/shadow"
     assert records["img001.png"]["status"] == "rejected" and records["img001.png"]["reason"] == "not an image"
     assert stats["kept"] == 2 and stats["rejected"] == 1
+
+
+# --- symlinks and extreme shapes ----------------------------------------------------------------------------
+
+
+def test_symlinks_stay_inside_input_and_broken_ones_are_rejected(tmp_path: Path) -> None:
+    raw, out = _raw(tmp_path / "raw", 2), tmp_path / "out"
+    outside = _raw(tmp_path / "elsewhere", 1, start=50)
+    secret = tmp_path / "hostname"
+    secret.write_text("secret-host-name")
+    (raw / "img000.txt").symlink_to(secret)  # a sidecar caption leading outside --input
+    (raw / "img001.txt").write_text("a kept caption")
+    (raw / "inside.png").symlink_to(raw / "img001.png")  # a link inside --input is fine
+    (raw / "outside.png").symlink_to(outside / "img050.png")
+    (raw / "broken.png").symlink_to(tmp_path / "missing.png")
+    (raw / "loop.png").symlink_to(raw / "loop.png")
+    stats = curate("scenes", raw, out, _cfg(), workers=1, progress=False)
+    records = {r["source"]: r for r in _records(out)}
+    assert set(records) == {"img000.png", "img001.png", "inside.png", "outside.png", "broken.png", "loop.png"}
+    assert records["img000.png"]["caption"] == "a photo"  # the default, not the linked file's text
+    assert "secret-host-name" not in (out / "manifest.jsonl").read_text()
+    assert records["inside.png"]["status"] == "kept"
+    assert records["outside.png"]["reason"] == "symlink outside the input folder"
+    assert records["broken.png"]["reason"] == records["loop.png"]["reason"] == "broken or looping symlink"
+    assert stats["inputs"] == 6 and stats["kept"] + stats["rejected"] == 6
+
+
+def test_extreme_aspect_ratio_is_rejected_before_decoding(tmp_path: Path) -> None:
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    raw.mkdir()
+    Image.new("RGB", (256, 40000), (120, 90, 60)).save(raw / "strip.png")
+    _raw(raw, 1)
+    stats = curate("faces", raw, out, _cfg(require_detection=False), workers=1, progress=False)
+    records = {r["source"]: r for r in _records(out)}
+    assert records["strip.png"]["status"] == "rejected"
+    assert records["strip.png"]["reason"].startswith("extreme aspect ratio (256×40000")
+    assert stats["kept"] == 1 and "width" not in records["strip.png"]  # refused from the header, never decoded
