@@ -153,3 +153,56 @@ def test_extreme_aspect_ratio_is_rejected_before_decoding(tmp_path: Path) -> Non
     assert records["strip.png"]["status"] == "rejected"
     assert records["strip.png"]["reason"].startswith("extreme aspect ratio (256×40000")
     assert stats["kept"] == 1 and "width" not in records["strip.png"]  # refused from the header, never decoded
+
+
+# --- errors, not tracebacks --------------------------------------------------------------------------------------
+
+
+def test_config_and_output_mistakes_are_errors_not_tracebacks(tmp_path: Path) -> None:
+    raw = _raw(tmp_path / "raw", 1)
+    empty, binary, a_file = tmp_path / "empty.yaml", tmp_path / "binary.yaml", tmp_path / "a_file"
+    empty.write_text("")
+    binary.write_bytes(bytes(range(256)) * 4)
+    a_file.write_text("x")
+    ok = ["--set", "size=32", "--set", "window=96", "--set", "min_side=32", "--set", "default_caption=x",
+          "--workers", "1"]  # fmt: skip
+    cases = [
+        (["curate", "scenes", "--input", str(raw), "--output", str(tmp_path / "o1"), "--config", str(empty), *ok,
+          "--set", "filters.blur.min_variance=1"], None),
+        (["curate", "scenes", "--input", str(raw), "--output", str(tmp_path / "o2"), "--config", str(binary)],
+         "not UTF-8 text"),
+        (["curate", "scenes", "--input", str(raw), "--output", str(a_file), *ok], "is an existing file"),
+        (["train", "stage1", "--config", str(binary)], "not UTF-8 text"),
+        (["curate", "scenes", "--input", str(raw), "--output", str(tmp_path / "o3"), *ok,
+          "--set", "filters.blur.threshold=1", "--workers", "2"], "unknown option 'threshold'"),
+    ]  # fmt: skip
+    for args, message in cases:
+        result = runner.invoke(app, args)
+        assert result.exception is None or isinstance(result.exception, SystemExit), (args, result.exception)
+        if message is None:
+            assert result.exit_code == 0, result.output
+        else:
+            assert result.exit_code == 2 and message in result.output, (args, result.output)
+    assert a_file.read_text() == "x"
+
+
+def test_train_output_that_is_a_file_is_an_error(tmp_path: Path) -> None:
+    from mole.data.synthetic import write_dataset
+
+    write_dataset(tmp_path / "d", "faces", 2, seed=0, size=32)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    repo = Path(__file__).resolve().parents[1]
+    result = runner.invoke(app, ["train", "stage1", "--config", str(repo / "configs" / "tiny.yaml"), "--data",
+                                 str(tmp_path / "d"), "--output", str(a_file)])  # fmt: skip
+    assert result.exit_code == 2 and "is an existing file" in result.output, result.output
+
+
+def test_worker_setup_failure_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    """An initializer that raises makes multiprocessing.Pool respawn workers forever; it must fail instead."""
+    from mole.data.curate import WorkerSetupError
+
+    raw = _raw(tmp_path / "raw", 2)
+    with pytest.raises(WorkerSetupError, match="clip"):
+        curate("scenes", raw, tmp_path / "out", _cfg(clip_model=str(tmp_path / "no-such-clip")), workers=2,
+               progress=False)  # fmt: skip

@@ -381,17 +381,19 @@ def train_gates(
 
 
 def _curate(kind: str, input_: str, output: str, config: Path | None, overrides: list[str] | None, **kw) -> None:
-    import yaml
-
     from mole.data.curate import CurateConfig, curate_tracked
     from mole.data.shards import DatasetError
     from mole.storage import StorageError, localize
-    from mole.train.config import ConfigError, format_validation_error, parse_overrides
+    from mole.train.config import (
+        ConfigError,
+        apply_overrides,
+        format_validation_error,
+        parse_overrides,
+        read_yaml_mapping,
+    )
 
     try:
-        tree = yaml.safe_load(config.read_text(encoding="utf-8")) if config else {}
-        for key, value in parse_overrides(overrides).items():
-            tree[key] = value
+        tree = apply_overrides(read_yaml_mapping(config) if config else {}, parse_overrides(overrides))
         try:
             cfg = CurateConfig.model_validate(tree or {})
         except Exception as err:  # pydantic ValidationError

@@ -612,6 +612,8 @@ def staged_output(
     """
     if not is_s3(uri):
         path = Path(uri)
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(f"output {path} is an existing file, not a folder")
         path.mkdir(parents=True, exist_ok=True)
         yield path
         return

@@ -245,18 +245,27 @@ class _Worker:
 
 
 _WORKER: _Worker | None = None
+_INIT_ERROR: str | None = None
+
+
+class WorkerSetupError(ValueError):
+    """A worker could not build its filters or models (bad option, missing model file)."""
 
 
 def _init_worker(*args: Any) -> None:
-    global _WORKER
+    global _WORKER, _INIT_ERROR
     import torch
 
     torch.set_num_threads(1)  # one core per worker process
-    _WORKER = _Worker(*args)
+    try:
+        _WORKER = _Worker(*args)
+    except Exception as err:  # an initializer that raises makes multiprocessing.Pool respawn workers forever
+        _INIT_ERROR = f"{type(err).__name__}: {err}"
 
 
 def _run(task: tuple[int, str]) -> InputResult:
-    assert _WORKER is not None
+    if _WORKER is None:
+        raise WorkerSetupError(f"curation worker setup failed: {_INIT_ERROR}")
     return _WORKER(task)
 
 
@@ -307,6 +316,8 @@ def curate(
 
     cfg = cfg or CurateConfig()
     root, out = Path(input_dir), Path(output)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output {out} is an existing file, not a folder")
     if overwrite and out.exists():
         for name in (INDEX_FILE, "manifest.jsonl", "stats.json", STATE_FILE):
             (out / name).unlink(missing_ok=True)
@@ -317,6 +328,9 @@ def curate(
     if not inputs:
         raise ValueError(f"no images in {root} (looked for {', '.join(sorted({'.jpg', '.png', '.webp'}))}...)")
     attr_table, source_table = read_table(attributes), read_table(sources)
+    from mole.data.filters import build_filters
+
+    build_filters(cfg.filters if cfg.filters is not None else DEFAULT_FILTERS[kind])  # bad options fail here, once
     state = work_state(kind, root, inputs, cfg.model_dump(), {"attributes": attributes, "sources": sources})
     begin(out, state, has_chunks=(out / "chunks").is_dir() and any((out / "chunks").iterdir()))
     workers = max(1, workers if workers is not None else (os.cpu_count() or 1))

@@ -94,6 +94,8 @@ def train_stage(
     if cfg.output is None:
         raise ConfigError(f"{stage}: no output folder (give --output or set output in the config)")
     out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output {out} is an existing file, not a folder")
     local_data = localize(cfg.data, out / ".data-cache")
     index = read_index(local_data)  # a missing or empty dataset fails here, before any model is loaded
     base_model = base or config.model.base

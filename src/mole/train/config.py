@@ -217,28 +217,42 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def read_yaml_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (an empty file is ``{}``); the one reader of config files.
+
+    Raises:
+        ConfigError: Missing file, not UTF-8 text (a binary file), invalid YAML, or not a mapping.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {p} is not UTF-8 text (a binary file?)") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {p} is not valid YAML: {err}") from err
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config {p} must be a mapping at the top level")
+    return loaded or {}
+
+
+def apply_overrides(tree: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """Set each dotted key of ``overrides`` (``filters.blur.threshold``) in ``tree``, creating sections."""
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(tree, dotted, value)
+    return tree
+
+
 def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> MoleConfig:
     """Read a YAML recipe, apply dotted overrides (``stage1.max_steps: 10``), validate.
 
     Raises:
         ConfigError: Missing file, bad YAML, unknown keys or invalid values, each naming the field.
     """
-    tree: dict[str, Any] = {}
-    source = "<defaults>"
-    if path is not None:
-        source = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config {p} is not valid YAML: {err}") from err
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config {p} must be a mapping at the top level")
-        tree = loaded or {}
-    for dotted, value in (overrides or {}).items():
-        _set_dotted(tree, dotted, value)
+    tree = read_yaml_mapping(path) if path is not None else {}
+    source = str(path) if path is not None else "<defaults>"
+    apply_overrides(tree, overrides)
     try:
         return MoleConfig.model_validate(tree)
     except ValidationError as err:
