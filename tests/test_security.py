@@ -39,6 +39,9 @@ def test_redact_masks_uri_credentials(text: str) -> None:
 def test_redact_masks_environment_secrets_and_keeps_plain_text(monkeypatch) -> None:
     from mole.security import redact
 
+    assert redact("models:/mole@champion and models:/mole-expert-face/3") == (
+        "models:/mole@champion and models:/mole-expert-face/3"
+    )  # MLflow aliases are no credentials
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
     assert redact(f"login failed with {PASSWORD}") == "login failed with ***"
     assert redact("s3://bucket/raw/faces at http://host:5000") == "s3://bucket/raw/faces at http://host:5000"

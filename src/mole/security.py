@@ -22,8 +22,9 @@ NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 """Lower-case letter first, then lower-case letters, digits, ``_`` or ``-``; at most 64 characters."""
 
 _SECRET_ENV = re.compile(r"secret|password|passwd|token|credential|access_key|api_key|auth", re.IGNORECASE)
-# scheme://user[:pass]@ (also scheme:/user@..., what pathlib makes of a URI given as a path)
-_URI_USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*:/{1,2})[^/\s@?#]+@")
+# scheme://user[:pass]@, and scheme:/user:pass@ (what pathlib makes of a URI given as a path); not
+# scheme:/name@alias, which is MLflow's models:/mole@champion
+_URI_USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/\s@?#]+@|(\b[a-zA-Z][\w+.-]*:/)[^/\s@?#:]+:[^/\s@?#]+@")
 _QUERY_SECRET = re.compile(
     r"([?&](?:X-Amz-[\w-]+|token|sig|signature|key|access_key|secret|password|api_key)=)[^&\s#]+", re.I
 )
@@ -63,7 +64,7 @@ def redact(text: Any) -> str:
     value of a credential-like environment variable (``AWS_SECRET_ACCESS_KEY``, ``MLFLOW_TRACKING_PASSWORD``...).
     """
     out = str(text)
-    out = _URI_USERINFO.sub(r"\1***@", out)
+    out = _URI_USERINFO.sub(lambda m: (m.group(1) or m.group(2)) + "***@", out)
     out = _QUERY_SECRET.sub(r"\1***", out)
     for value in _env_secrets():
         out = out.replace(value, "***")
