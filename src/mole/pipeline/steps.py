@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mole.security import check_name
+from mole.security import check_name, redact
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def train(
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(_resolve_config("configs/accelerate/zero2.yaml")), "--num_processes", str(processes),
                "-m", "mole", *args]  # fmt: skip
-        logger.info("running %s", " ".join(cmd))
+        logger.info("running %s", redact(" ".join(cmd)))
         subprocess.run(cmd, check=True)
     else:
         from mole.train import load_config, train_stage
