@@ -71,6 +71,11 @@ def redact(text: Any) -> str:
     return out
 
 
+def holds_env_secret(text: str) -> bool:
+    """Whether ``text`` contains the value of a credential-like environment variable."""
+    return any(value in text for value in _env_secrets())
+
+
 def is_secret_key(key: str) -> bool:
     """Whether a parameter or variable named ``key`` holds a credential by its name alone."""
     return bool(_SECRET_ENV.search(key))

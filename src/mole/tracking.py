@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mole.security import check_name, is_secret_key
+from mole.security import check_name, holds_env_secret, is_secret_key
 from mole.security import redact as redact_text
 from mole.storage import StorageError
 
@@ -70,7 +70,8 @@ def redact(params: Mapping[str, Any]) -> dict[str, Any]:
                 walk(f"{prefix}.{k}" if prefix else str(k), v)
             return
         text = json.dumps(value, default=str) if isinstance(value, list | tuple) else str(value)
-        text = "***" if is_secret_key(prefix) else redact_text(text)
+        # A value holding an environment secret is blanked whole; URI credentials are masked in place.
+        text = "***" if is_secret_key(prefix) or holds_env_secret(text) else redact_text(text)
         flat[prefix] = text[:6000]
 
     walk("", dict(params))
