@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mole.security import check_name
+
 logger = logging.getLogger(__name__)
 
 #: The embedded default: tiny model, synthetic data, CLIP score with a tiny CLIP, everything on CPU in minutes.
@@ -51,7 +53,9 @@ def parse_experts(specs: Sequence[str] | None) -> dict[str, str] | None:
         name, _, kind = spec.partition("=")
         if not name:
             raise ValueError(f"expert spec {spec!r} needs a name (NAME or NAME=DATA_KIND)")
-        out[name] = kind or {"face": "faces", "hand": "hands", "foot": "feet"}.get(name, name)
+        check_name(name, "--expert")
+        out[name] = check_name(kind, "--expert data kind") if kind else {"face": "faces", "hand": "hands",
+                                                                       "foot": "feet"}.get(name, name)  # fmt: skip
     return out
 
 

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mole.security import InvalidNameError, check_name
 
 StageName = Literal["stage1", "expert", "gates"]
 
@@ -172,7 +174,14 @@ class GatesConfig(TrainConfig):
     projection of the UNet's timestep embedding added to the gate logits, so the mixture can change over the
     denoising steps (Face-MoGLE's time-dependent gates). Saved with the gates; generation reads it from there."""
     experts: dict[str, str] = {}
-    """Expert name → LoRA path, in gate order (overridden by ``--experts``); any number of experts."""
+    """Expert name → LoRA path, in gate order (overridden by ``--experts``); any number of experts. Names follow
+    :data:`mole.security.NAME_PATTERN` (they become folder and registered-model names)."""
+
+    @field_validator("experts")
+    @classmethod
+    def _expert_names(cls, value: dict[str, str]) -> dict[str, str]:
+        return {check_name(k): v for k, v in value.items()}
+
     init_bias: float = 0.0
     """Initial gate bias; gates start at sigmoid(init_bias)."""
 
@@ -185,7 +194,13 @@ class MoleConfig(_Strict):
     stage1: Stage1Config = Stage1Config()
     """Stage 1: fine-tune on the human-centric dataset."""
     experts: dict[str, ExpertConfig] = {}
-    """Stage 2: one LoRA expert per entry (face, hand, ...)."""
+    """Stage 2: one LoRA expert per entry (face, hand, ...); names follow :data:`mole.security.NAME_PATTERN`."""
+
+    @field_validator("experts")
+    @classmethod
+    def _expert_names(cls, value: dict[str, ExpertConfig]) -> dict[str, ExpertConfig]:
+        return {check_name(k): v for k, v in value.items()}
+
     gates: GatesConfig = GatesConfig()
     """Stage 3: the soft mixture."""
 
@@ -261,28 +276,42 @@ def parse_data(values: list[str] | str | None) -> str | dict[str, str] | None:
     return named or plain[0]
 
 
+def read_yaml_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (an empty file is ``{}``); the one reader of config files.
+
+    Raises:
+        ConfigError: Missing file, not UTF-8 text (a binary file), invalid YAML, or not a mapping.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {p} is not UTF-8 text (a binary file?)") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {p} is not valid YAML: {err}") from err
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config {p} must be a mapping at the top level")
+    return loaded or {}
+
+
+def apply_overrides(tree: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """Set each dotted key of ``overrides`` (``filters.blur.threshold``) in ``tree``, creating sections."""
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(tree, dotted, value)
+    return tree
+
+
 def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> MoleConfig:
     """Read a YAML recipe, apply dotted overrides (``stage1.max_steps: 10``), validate.
 
     Raises:
         ConfigError: Missing file, bad YAML, unknown keys or invalid values, each naming the field.
     """
-    tree: dict[str, Any] = {}
-    source = "<defaults>"
-    if path is not None:
-        source = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config {p} is not valid YAML: {err}") from err
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config {p} must be a mapping at the top level")
-        tree = loaded or {}
-    for dotted, value in (overrides or {}).items():
-        _set_dotted(tree, dotted, value)
+    tree = read_yaml_mapping(path) if path is not None else {}
+    source = str(path) if path is not None else "<defaults>"
+    apply_overrides(tree, overrides)
     try:
         return MoleConfig.model_validate(tree)
     except ValidationError as err:
@@ -297,6 +326,10 @@ def stage_config(config: MoleConfig, stage: StageName, expert: str | None = None
         return config.gates
     if expert is None:
         raise ConfigError("the expert stage needs an expert name (--name)")
+    try:
+        check_name(expert, "--name")
+    except InvalidNameError as err:
+        raise ConfigError(str(err)) from None
     if expert not in config.experts:
         raise ConfigError(f"no experts.{expert} section in the config; it has {sorted(config.experts) or 'none'}")
     return config.experts[expert]

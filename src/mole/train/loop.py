@@ -8,6 +8,8 @@ CPU the process group is gloo).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -18,6 +20,7 @@ from typing import Any
 
 import torch
 
+from mole.data.shards import read_index
 from mole.train import checkpoint as ckpt
 from mole.train.config import OptimizerConfig, TrainConfig
 from mole.train.data import ImageCaptionDataset, MixtureSampler, ResumableSampler, collate
@@ -203,6 +206,29 @@ def _sampler(dataset: ImageCaptionDataset, cfg: TrainConfig, start: int, rank: i
     return ResumableSampler(len(dataset), cfg.seed, start, rank, world)
 
 
+def _apply_new_hyperparameters(optimizer: Any, lr_scheduler: Any, fresh: list[dict[str, Any]]) -> None:
+    """After ``load_state`` restored the old optimizer and schedule: put this run's hyperparameters back (the
+    optimizer's param groups and the schedule's base learning rates come from the checkpoint otherwise, so a run
+    resumed with a new lr trained with the old one while recording the new one)."""
+    inner = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps the scheduler
+    groups = optimizer.param_groups
+    for group, new in zip(groups, fresh, strict=True):
+        group.update({k: v for k, v in new.items() if k not in ("lr", "initial_lr")})
+    inner.base_lrs = [new.get("initial_lr", new["lr"]) for new in fresh]
+    for group, base, factor in zip(groups, inner.base_lrs, inner.lr_lambdas, strict=True):
+        group["initial_lr"] = base
+        group["lr"] = base * factor(inner.last_epoch)
+    inner._last_lr = [group["lr"] for group in groups]
+
+
+def _data_digest(data: str | dict[str, str]) -> str:
+    """The dataset's digest, or for a mixture one digest over every named source's (what a resume must match)."""
+    if isinstance(data, str):
+        return read_index(data).digest
+    digests = {name: read_index(path).digest for name, path in sorted(data.items())}
+    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
+
+
 def run_training(
     stage: Stage,
     cfg: TrainConfig,
@@ -213,6 +239,7 @@ def run_training(
     resume: str | None = None,
     metrics: MetricsLogger | None = None,
     params: dict[str, Any] | None = None,
+    resume_changed: bool = False,
 ) -> TrainResult:
     """Train ``stage`` for ``cfg.max_steps`` optimizer steps and save its result under ``output``.
 
@@ -221,6 +248,8 @@ def run_training(
         resume: ``latest`` (newest complete checkpoint under ``output``, or a fresh start if none) or a path.
         metrics: Where metrics go; default ``output/metrics.jsonl`` on the main process.
         params: The resolved configuration, logged once.
+        resume_changed: Resume even when the data or the settings differ from the checkpoint's run (otherwise
+            refused); the new settings (learning rate included) then apply from the resumed step on.
     """
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
@@ -228,6 +257,14 @@ def run_training(
     accelerator = make_accelerator(cfg)
     output.mkdir(parents=True, exist_ok=True)
     main = accelerator.is_main_process
+    # A resumption must continue the same work (same data, same settings) or say it does not: checked before
+    # anything is recorded, so params.json and MLflow always hold what runs.
+    guard = ckpt.resume_guard(_data_digest(data), params if params is not None else cfg.model_dump())
+    resume_from = ckpt.resolve_resume(output, resume)
+    changed = ckpt.check_resume(resume_from, guard, allow_changed=resume_changed) if resume_from is not None else []
+    if changed:
+        logger.warning("resuming %s with changes: %s", resume_from, "; ".join(changed))
+        params = {**(params or {}), "resume_changed": changed}
     log = metrics or (JsonlLogger(output) if main else NullLogger())
     if params is not None:
         log.log_params(params)
@@ -264,10 +301,8 @@ def run_training(
         cache = FeatureCache(stage, dataset, cfg.cache_latents, cfg.cache_text, accelerator.device)
     model, optimizer, lr_scheduler = accelerator.prepare(stage.model, optimizer, lr_scheduler)
     if ema is not None:
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+        ema.to(accelerator.device)  # saved by ckpt.save_ema, not register_for_checkpointing (a pickle)
 
-    resume_from = ckpt.resolve_resume(output, resume)
     start_step = int(ckpt.read_state(resume_from)["step"]) if resume_from is not None else 0
     per_step = cfg.batch_size * cfg.grad_accum * n_proc
     sampler = _sampler(dataset, cfg, start_step * per_step, accelerator.process_index, n_proc)
@@ -283,7 +318,14 @@ def run_training(
     )
     batches = iter(loader)
     if resume_from is not None:
+        ckpt.refuse_pickles(resume_from)
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         accelerator.load_state(str(resume_from))
+        if changed:
+            _apply_new_hyperparameters(optimizer, lr_scheduler, fresh)
+        if ema is not None:
+            ckpt.load_ema(ema, resume_from)
+            ema.to(accelerator.device)
         logger.info("resumed from %s at step %d", resume_from, start_step)
     if start_step >= cfg.max_steps:
         logger.info("already at step %d of %d: nothing to train", start_step, cfg.max_steps)
@@ -340,7 +382,10 @@ def run_training(
             accelerator.save_state(str(ckpt.temp_path(output, step)))
             accelerator.wait_for_everyone()
             if main:
-                ckpt.finalize(output, step, {"stage": stage.name, "loss": loss_value}, cfg.keep_checkpoints)
+                if ema is not None:
+                    ckpt.save_ema(ema, ckpt.temp_path(output, step))
+                state = {"stage": stage.name, "loss": loss_value, ckpt.GUARD_KEY: guard}
+                ckpt.finalize(output, step, state, cfg.keep_checkpoints)
             accelerator.wait_for_everyone()
         if cfg.validation_every and step % cfg.validation_every == 0:
             _validate(stage, accelerator, model, cfg, output, step, log)
