@@ -88,7 +88,14 @@ class TrainConfig(_Strict):
     caption_dropout: float = Field(0.1, ge=0, le=1)
     """Probability of training on the empty caption, for classifier-free guidance."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    """Autocast precision on GPU; CPU runs ignore fp16."""
+    """Training precision. Under DDP / a single process: autocast over fp32 weights. Under DeepSpeed: the
+    engine's 16-bit weights with fp32 master weights in the optimizer. Inputs are cast to the weights' dtype,
+    losses are fp32, the frozen VAE runs in this dtype. bf16 runs on CPU too (DeepSpeed included); fp16 needs
+    CUDA (CPU runs fall back to fp32)."""
+    save_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    """dtype of the saved result (stage-1 model, expert LoRA, gates) whatever the training precision: fp32 by
+    default, what diffusers and peft load without surprises. Under DeepSpeed 16-bit training the saved weights
+    are the engine's 16-bit weights widened to this dtype (not its fp32 master copy)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     ema_decay: float | None = Field(None, gt=0, lt=1)
