@@ -100,6 +100,8 @@ def test_deepspeed_bf16_on_cpu_trains_every_stage_in_bf16(tiny_model_dir, tmp_pa
         sets = [f"{section}.mixed_precision=bf16", f"{section}.batch_size=2"]
         if name != "stage1":  # stage 1 keeps the recipe's validation prompt: generation in bf16 runs too
             sets.append(f"{section}.validation_prompts=[]")
+        else:  # and the speed switches of configs/paper.yaml (channels-last weights break DeepSpeed)
+            sets += ["stage1.channels_last=true", "stage1.optimizer.foreach=true"]
         if name == "gates":  # a configured save dtype is honoured
             sets.append("gates.save_dtype=bf16")
         cmd = [sys.executable, "-m", "mole", "train", *args, *common, "--output", str(out / name)]

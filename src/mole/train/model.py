@@ -69,6 +69,8 @@ class DiffusionModel(nn.Module):
         self.train_text_encoder = train_text_encoder
         self.noise_offset = noise_offset
         self.num_train_timesteps = int(noise_scheduler.config.num_train_timesteps)
+        #: Give the UNet channels-last inputs (set with its weights by the loop's speed settings).
+        self.channels_last = False
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -116,7 +118,10 @@ class DiffusionModel(nn.Module):
             states = batch["encoder_hidden_states"]
         else:
             states = self.encode_text(batch["input_ids"])
-        pred = self.unet(noisy.to(dtype), timesteps, states.to(dtype)).sample
+        noisy = noisy.to(dtype)
+        if self.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+        pred = self.unet(noisy, timesteps, states.to(dtype)).sample
         if self.prediction_type == "epsilon":
             target = noise
         elif self.prediction_type == "v_prediction":
