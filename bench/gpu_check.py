@@ -81,13 +81,23 @@ def run_command(cmd: list[str], log: Path, timeout: float) -> str:
     return text
 
 
+def gpu_test_files() -> list[str]:
+    """The test modules with ``gpu``-marked tests, relative to the repository."""
+    return sorted(
+        str(path.relative_to(REPO))
+        for path in (REPO / "tests").glob("test_*.py")
+        if "mark.gpu" in path.read_text(encoding="utf-8")
+    )
+
+
 def check_pytest(ctx: dict[str, Any]) -> dict[str, Any]:
     """``pytest -m gpu``: passed / failed / skipped from the JUnit report (skips are failures of the check on
     a GPU machine: they mean the GPU was not seen)."""
     junit = ctx["work"] / "pytest-gpu.xml"
-    targets = ["tests/test_gpu.py"] if ctx["smoke"] else ["tests"]
+    # Only the modules that hold gpu tests: the others import what the GPU machine lacks (mlflow, kfp, ...).
+    targets = ["tests/test_gpu.py"] if ctx["smoke"] else gpu_test_files()
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
-           *targets]  # fmt: skip
+           "--continue-on-collection-errors", *targets]  # fmt: skip
     try:
         run_command(cmd, ctx["work"] / "pytest-gpu.log", ctx["budget"].timeout(ctx["caps"]["pytest_gpu"]))
         error = None
@@ -241,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             "plain_batch": 2 if args.smoke else 8,
             "batches": args.batches or ([4, 2] if args.smoke else [32, 16, 8]),
             # Each check's own cap (seconds); the budget's remainder bounds them too.
-            "caps": {"pytest_gpu": 150, "training_run": 150, "mole_cost": 150, "generation": 120},
+            "caps": {"pytest_gpu": 180, "training_run": 150, "mole_cost": 150, "generation": 120},
         }
         for name in names:
             logger.info("== %s", name)

@@ -31,6 +31,13 @@ def test_sd_shaped_model_writes_and_loads(tmp_path: Path) -> None:
     assert "set_alpha_to_one" not in pipe.scheduler.config
 
 
+def test_pytest_gpu_collects_only_the_modules_with_gpu_tests() -> None:
+    from bench.gpu_check import gpu_test_files
+
+    files = gpu_test_files()
+    assert "tests/test_gpu.py" in files and "tests/test_tracking.py" not in files  # mlflow: not on the device
+
+
 @pytest.mark.slow
 def test_gpu_check_smoke_records_every_check(tmp_path: Path) -> None:
     from bench.gpu_check import main
