@@ -407,9 +407,9 @@ def run_training(
         ema.copy_to(trainable)  # the result is the averaged model
     state = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; every process must call it
     save_dtype = DTYPES[cfg.save_dtype]
-    state = {k: v.to(save_dtype) if v.is_floating_point() else v for k, v in state.items()}
     result_path = None
-    if main:
+    if main:  # (under ZeRO-3 only the main process holds the gathered state)
+        state = {k: v.to(save_dtype) if v.is_floating_point() else v for k, v in state.items()}
         result_path = stage.save(state, output)
         if cfg.validation_prompts and not cfg.validation_every:
             _validate(stage, accelerator, model, cfg, output, step, log)
