@@ -102,8 +102,10 @@ def test_deepspeed_bf16_on_cpu_trains_every_stage_in_bf16(tiny_model_dir, tmp_pa
             sets.append(f"{section}.validation_prompts=[]")
         else:  # and the speed switches of configs/paper.yaml (channels-last weights break DeepSpeed)
             sets += ["stage1.channels_last=true", "stage1.optimizer.foreach=true"]
-        if name == "gates":  # a configured save dtype is honoured
-            sets.append("gates.save_dtype=bf16")
+        if name == "gates":  # a configured save dtype is honoured; cached fp32 text states meet bf16 layers
+            sets += ["gates.save_dtype=bf16", "gates.cache_text=true"]
+        if name == "face":  # cached latents (fp32) too
+            sets += ["experts.face.cache_latents=true", "experts.face.random_flip=false"]
         cmd = [sys.executable, "-m", "mole", "train", *args, *common, "--output", str(out / name)]
         cmd += [item for s in sets for item in ("--set", s)]
         env["MASTER_PORT"] = str(_free_port())
