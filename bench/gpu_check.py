@@ -13,8 +13,9 @@ Checks, most important first:
   diffusers-like stage-1 loop (gradient checkpointing, VAE every step, batch 8) against mole's stage 1 with
   configs/paper.yaml's speed settings at the largest micro-batch that fits (tried from ``--batches``, an
   out-of-memory run falls back to the next), then the expert and the gates stage (paper settings, batch 8):
-  samples/s and peak memory each; then, if 4 minutes of the budget are left, stage 1 again with cached VAE
-  latents (which needs no flips: not paper.yaml's math) to show what the cache adds.
+  samples/s and peak memory each; then, each while 4 minutes of the budget are left, stage 1 with the one-A100-
+  40GB settings (batch 8, gradient checkpointing: its peak memory) and with cached VAE latents (which needs
+  no flips: not paper.yaml's math) to show what the cache adds.
 * ``mole_cost``: ``python -m bench.mole_cost --sizes sd15 --batches 2 8 16 --dtype bf16`` (base, MoLE, naive,
   peft, fixed-weight MoLE and the FLOP bound), into gpu.json.
 * ``generation``: ``python -m bench.generate_speed --size sd15 --batches 1 8 --steps 25``: images/s of base vs
@@ -176,6 +177,13 @@ def check_training(ctx: dict[str, Any]) -> dict[str, Any]:
             errors["gates"] = str(err)
     else:
         errors["gates"] = "no expert to mix (the expert run failed)"
+    # The paper's machine, one A100 40 GB: batch 8 with gradient checkpointing (README); its peak memory.
+    if not smoke and ctx["budget"].left() > ctx["caps"]["reserve_after_training"]:  # (smoke: --set is tried below)
+        a100 = ["--set", "stage1.gradient_checkpointing=true"]
+        try:
+            runs["stage1_mole_a100_40g"] = _stage_run(ctx, "stage1-mole-a100", "mole", ctx["plain_batch"], extra=a100)
+        except (LaunchError, CheckError) as err:
+            errors["stage1_mole_a100_40g"] = str(err)
     # What caching the VAE latents adds (its math differs from paper.yaml's: no flips), when time is left for
     # the benchmarks after this one.
     fitted = runs.get("stage1_mole", {}).get("batch_size")

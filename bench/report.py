@@ -271,7 +271,12 @@ def _gpu(sec: Mapping[str, Any]) -> list[str]:
         cached = train.get("speed_vs_plain_cached_latents")
         figure = f"{_f(speed, 2)} × plain" + (f" ({_f(cached, 2)} × with cached latents, no flips)" if cached else "")
         verdict = _verdict(None if speed is None else speed >= STAGE1_SPEEDUP_MIN)
-        lines += _table(["target", "figure", "verdict"], [[label, figure, verdict]])
+        targets = [[label, figure, verdict]]
+        a100 = runs.get("stage1_mole_a100_40g", {}).get("peak_memory_gib")
+        targets.append(["stage 1, one-A100-40GB settings (batch 8, gradient checkpointing): peak < 40 GB",
+                        f"{_f(a100, 1)} GiB", _verdict(None if a100 is None
+                                                       else a100 * 2**30 < PEAK_MEMORY_MAX_BYTES)])  # fmt: skip
+        lines += _table(["target", "figure", "verdict"], targets)
     tests = sec.get("pytest_gpu")
     if tests:
         lines += [f"`pytest -m gpu`: {tests.get('passed')} passed, {tests.get('failures', 0) + tests.get('errors', 0)}"

@@ -53,7 +53,13 @@ def test_gpu_check_smoke_records_every_check(tmp_path: Path) -> None:
         assert record["status"] in ("ok", "failed") and (record["status"] == "ok" or record["error"]), name
     assert code == (0 if all(r["status"] == "ok" for r in checks.values()) else 1)
     runs = data["training"]["runs"]
-    assert set(runs) == {"stage1_plain", "stage1_mole", "expert", "gates", "stage1_mole_cached_latents"}
+    assert set(runs) == {
+        "stage1_plain",
+        "stage1_mole",
+        "expert",
+        "gates",
+        "stage1_mole_cached_latents",
+    }
     assert all(r["samples_per_second"] > 0 for r in runs.values())
     assert data["training"]["speed_vs_plain"] > 0
     assert data["pytest_gpu"]["skipped"] == data["pytest_gpu"]["tests"] > 0  # no CUDA here: every gpu test skips
