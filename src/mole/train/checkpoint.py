@@ -133,6 +133,8 @@ def load_ema(ema: Any, folder: Path) -> None:
 RESUMABLE_SETTINGS = (
     "max_steps", "output", "data", "base_local", "checkpoint_every", "keep_checkpoints", "log_every",
     "validation_every", "validation_prompts", "validation_steps", "num_workers",
+    # speed switches (issue 15): how a step runs, not what it computes
+    "gradient_checkpointing", "channels_last", "allow_tf32", "pin_memory", "compile", "foreach", "save_dtype",
 )  # fmt: skip
 GUARD_KEY = "resume_guard"
 

@@ -57,6 +57,9 @@ class OptimizerConfig(_Strict):
     """AdamW epsilon."""
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Gradient clipping by global norm; null disables it."""
+    foreach: bool = True
+    """Multi-tensor optimizer step: lion-pytorch's foreach Lion, torch's fused AdamW. The same update as the
+    per-parameter loop (same state, same checkpoints), in a few kernel launches instead of one per tensor."""
 
     @model_validator(mode="after")
     def _betas_in_range(self) -> OptimizerConfig:
@@ -96,7 +99,14 @@ class TrainConfig(_Strict):
     caption_dropout: float = Field(0.1, ge=0, le=1)
     """Probability of training on the empty caption, for classifier-free guidance."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    """Autocast precision on GPU; CPU runs ignore fp16."""
+    """Training precision. Under DDP / a single process: autocast over fp32 weights. Under DeepSpeed: the
+    engine's 16-bit weights with fp32 master weights in the optimizer. Inputs are cast to the weights' dtype,
+    losses are fp32, the frozen VAE runs in this dtype. bf16 runs on CPU too (DeepSpeed included); fp16 needs
+    CUDA (CPU runs fall back to fp32)."""
+    save_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    """dtype of the saved result (stage-1 model, expert LoRA, gates) whatever the training precision: fp32 by
+    default, what diffusers and peft load without surprises. Under DeepSpeed 16-bit training the saved weights
+    are the engine's 16-bit weights widened to this dtype (not its fp32 master copy)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     ema_decay: float | None = Field(None, gt=0, lt=1)
@@ -125,6 +135,17 @@ class TrainConfig(_Strict):
     """Seed of the data order, noise, timesteps and caption dropout."""
     num_workers: int = Field(0, ge=0)
     """DataLoader worker processes."""
+    pin_memory: bool = False
+    """Page-locked host batches for faster copies to the GPU (ignored without CUDA)."""
+    channels_last: bool = False
+    """UNet weights and inputs in channels-last memory layout: faster convolutions on tensor cores, same
+    math."""
+    compile: bool = False
+    """``torch.compile`` the UNet (in place, so state-dict keys and checkpoints do not change). Pays a
+    compilation of minutes at the first steps; worth it for long runs."""
+    allow_tf32: bool = False
+    """TF32 tensor cores for the fp32 matmuls and convolutions left (CUDA, Ampere and newer); bf16/fp16 math is
+    unaffected."""
 
     @model_validator(mode="after")
     def _weights_name_sources(self) -> TrainConfig:

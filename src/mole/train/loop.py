@@ -46,22 +46,67 @@ class TrainResult:
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """Lion or AdamW; with ``cfg.foreach`` their multi-tensor forms (same update, same state layout)."""
     if cfg.name == "lion":
-        from lion_pytorch import Lion
+        if cfg.foreach:
+            from lion_pytorch.foreach import Lion
+        else:
+            from lion_pytorch import Lion
 
         return Lion(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    # fused: one kernel for the whole update (CUDA and CPU); else torch picks its default (foreach on CUDA).
+    return torch.optim.AdamW(
+        params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, fused=cfg.foreach or None
+    )
+
+
+def apply_speed_settings(stage: Stage, cfg: TrainConfig, deepspeed: bool = False) -> None:
+    """The config's speed switches that act on the modules: channels-last, torch.compile, TF32.
+
+    None changes the math beyond floating-point reassociation (a test checks the loss with and without
+    channels-last). Called before ``accelerator.prepare``. Under DeepSpeed only the UNet's inputs go
+    channels-last (convolutions then run and return channels-last): the engine views every parameter as
+    flat bytes, which a channels-last weight (last stride not 1) refuses.
+    """
+    unet = stage.model.unet
+    if cfg.channels_last:
+        if not deepspeed:
+            unet.to(memory_format=torch.channels_last)
+        stage.model.channels_last = True
+    if cfg.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if cfg.compile:
+        unet.compile()  # in place: the module (and its state-dict keys) stay the same
+
+
+def resolve_precision(requested: str, cuda: bool, deepspeed: bool) -> str:
+    """The mixed precision a run really uses: the requested one, except fp16 without CUDA.
+
+    bf16 runs on CPU too: under DeepSpeed the CPU accelerator holds bf16 weights exactly as a GPU engine does
+    (so the dtype path the GPU takes is the one the CPU tests take), and without DeepSpeed accelerate runs CPU
+    autocast in bf16. fp16 has neither a CPU autocast worth using nor DeepSpeed CPU support: fp32 then.
+    """
+    if requested == "fp16" and not cuda:
+        logger.info("no CUDA: training in float32 instead of fp16 (bf16 runs on CPU%s)",
+                    ", DeepSpeed included" if deepspeed else "")  # fmt: skip
+        return "no"
+    return requested
+
+
+def _deepspeed_launched() -> bool:
+    from accelerate.utils import parse_flag_from_env
+
+    return parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
 
 
 def make_accelerator(cfg: TrainConfig):
-    """An Accelerator for this machine: gloo on CPU, mixed precision only where it exists."""
+    """An Accelerator for this machine: gloo on CPU, the configured mixed precision (see resolve_precision)."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
     cuda = torch.cuda.is_available()
-    precision = cfg.mixed_precision if cuda else "no"
-    if precision != cfg.mixed_precision:
-        logger.info("no CUDA: training in float32 instead of %s", cfg.mixed_precision)
+    precision = resolve_precision(cfg.mixed_precision, cuda, _deepspeed_launched())
     # Under a launcher (accelerate launch, torchrun: WORLD_SIZE is set) a CPU process group must be gloo;
     # a plain single process has no process group at all.
     launched = "WORLD_SIZE" in os.environ
@@ -78,6 +123,14 @@ def make_accelerator(cfg: TrainConfig):
         ds["train_batch_size"] = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
         ds["gradient_clipping"] = cfg.optimizer.max_grad_norm or 0.0
     return accelerator
+
+
+#: Config names of the training / saving precisions → torch dtypes.
+DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _deepspeed(accelerator) -> bool:
+    return accelerator.state.deepspeed_plugin is not None
 
 
 def _zero_stage(accelerator) -> int:
@@ -109,8 +162,8 @@ class FeatureCache:
                 if text:
                     ids = dataset.tokenize(dataset.refs[i].caption)[None].to(device)
                     states.append(stage.model.text_encoder(ids)[0][0])
-            if latents:
-                self.latent_mean, self.latent_std = torch.stack(means), torch.stack(stds)
+            if latents:  # kept in fp32 whatever the VAE ran in: the sampling below draws fp32 noise
+                self.latent_mean, self.latent_std = torch.stack(means).float(), torch.stack(stds).float()
             if text:
                 self.text = torch.stack(states)
                 self.empty_text = stage.model.text_encoder(dataset.tokenize("")[None].to(device))[0][0]
@@ -183,8 +236,13 @@ def _validate(stage: Stage, accelerator, model, cfg: TrainConfig, output: Path, 
     )
     pipe.set_progress_bar_config(disable=True)
     inner.eval()
+    # The VAE runs in the training precision, the UNet in fp32 (autocast) or 16 bits (DeepSpeed): autocast
+    # makes the mix meet, as the training forward does.
+    precision = accelerator.mixed_precision
+    amp = torch.autocast(accelerator.device.type, dtype=DTYPES[precision], enabled=precision != "no")
     try:
-        images = generate(pipe, cfg.validation_prompts, seed=cfg.seed, steps=cfg.validation_steps).images
+        with amp:
+            images = generate(pipe, cfg.validation_prompts, seed=cfg.seed, steps=cfg.validation_steps).images
     finally:
         inner.train()
     folder = output / "validation"
@@ -280,6 +338,7 @@ def run_training(
         caption_dropout=cfg.caption_dropout, seed=cfg.seed,
     )  # fmt: skip
     set_seed(cfg.seed + accelerator.process_index)  # noise and timesteps differ between processes
+    apply_speed_settings(stage, cfg, deepspeed=_deepspeed(accelerator))
     trainable = [p for p in stage.model.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, cfg.optimizer)
     n_proc = accelerator.num_processes
@@ -294,12 +353,17 @@ def run_training(
         from diffusers.training_utils import EMAModel
 
         ema = EMAModel(trainable, decay=cfg.ema_decay)
-    stage.vae.to(accelerator.device)
+    # The frozen VAE only encodes: it runs in the training precision, as diffusers' training scripts do.
+    stage.vae.to(accelerator.device, dtype=DTYPES.get(accelerator.mixed_precision, torch.float32))
     cache = None
     if cfg.cache_latents or cfg.cache_text:
         stage.model.text_encoder.to(accelerator.device)
         cache = FeatureCache(stage, dataset, cfg.cache_latents, cfg.cache_text, accelerator.device)
     model, optimizer, lr_scheduler = accelerator.prepare(stage.model, optimizer, lr_scheduler)
+    compute_dtype = stage.model.compute_dtype
+    how = f"DeepSpeed ZeRO-{_zero_stage(accelerator)}" if _deepspeed(accelerator) else "no DeepSpeed"
+    logger.info("%s: mixed precision %s, weights in %s, %s, %d process(es)", stage.name,
+                accelerator.mixed_precision, compute_dtype, how, accelerator.num_processes)  # fmt: skip
     if ema is not None:
         ema.to(accelerator.device)  # saved by ckpt.save_ema, not register_for_checkpointing (a pickle)
 
@@ -314,6 +378,7 @@ def run_training(
         sampler=sampler,
         collate_fn=collate,
         num_workers=cfg.num_workers,
+        pin_memory=cfg.pin_memory and torch.cuda.is_available(),
         generator=torch.Generator().manual_seed(cfg.seed),
     )
     batches = iter(loader)
@@ -397,8 +462,10 @@ def run_training(
     if ema is not None:
         ema.copy_to(trainable)  # the result is the averaged model
     state = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; every process must call it
+    save_dtype = DTYPES[cfg.save_dtype]
     result_path = None
-    if main:
+    if main:  # (under ZeRO-3 only the main process holds the gathered state)
+        state = {k: v.to(save_dtype) if v.is_floating_point() else v for k, v in state.items()}
         result_path = stage.save(state, output)
         if cfg.validation_prompts and not cfg.validation_every:
             _validate(stage, accelerator, model, cfg, output, step, log)
@@ -414,6 +481,9 @@ def run_training(
                 "seconds_per_step": seconds_per_step,
                 "processes": n_proc,
                 "zero_stage": _zero_stage(accelerator),
+                "mixed_precision": accelerator.mixed_precision,
+                "compute_dtype": str(compute_dtype).removeprefix("torch."),
+                "save_dtype": cfg.save_dtype,
                 "rejected_samples": dict(dataset.rejected),
                 **stage.info,
             },
