@@ -79,6 +79,15 @@ test: $(STAMP) chromium postgresql lint
 bench: $(STAMP)
 	$(BIN)/python -m bench.run_all $(if $(BENCH_QUICK),--quick)
 
+# The GPU path in one command, on a machine with one CUDA GPU and no network (README "GPU check"): no venv
+# there (system python3 + the PYTHONPATH that .gpu-wheels/install-on-device.sh sets, kept for subprocesses),
+# so this target does not depend on the venv stamp. Writes bench/results/gpu.json and latest.md's GPU section.
+# `make gpu-check GPU_CHECK_ARGS=--smoke` runs the same script on CPU at tiny sizes.
+.PHONY: gpu-check
+gpu-check:
+	MOLE_TRACKING=off HF_HUB_OFFLINE=1 PYTHONPATH="$(CURDIR)/src:$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" \
+		$(PYTHON) -m bench.gpu_check $(GPU_CHECK_ARGS)
+
 # The MLflow UI on the local store that `mole train` tracks into by default.
 mlflow-ui: $(STAMP)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --backend-store-uri sqlite:///mlruns/mlflow.db \

@@ -1,10 +1,12 @@
-"""One stage-1 training run for :mod:`bench.train_throughput`, launched by ``accelerate launch`` (ZeRO-2):
-``--which mole`` runs mole's loop (:func:`mole.train.train_stage`), ``--which plain`` the plain loop below.
+"""One training run for :mod:`bench.train_throughput` and :mod:`bench.gpu_check`, launched by ``accelerate
+launch`` (ZeRO-2): ``--which mole`` runs mole's loop (:func:`mole.train.train_stage`) for ``--stage`` stage1,
+expert or gates with configs/paper.yaml's settings (speed switches included; ``--set`` overrides), ``--which
+plain`` the plain stage-1 loop below.
 
 The plain loop is diffusers' ``examples/text_to_image/train_text_to_image.py`` reduced to its training step —
-VAE (in the mixed-precision dtype) → noise → text encoder → UNet → Min-SNR-weighted MSE → backward → clip →
-step — with the same settings as mole's: UNet and text encoder trained (in one module, as DeepSpeed needs),
-gradient checkpointing on both, Lion, the same data reader and batch. It writes ``{samples_per_second,
+VAE (in the mixed-precision dtype) every step → noise → text encoder → UNet → Min-SNR-weighted MSE → backward →
+clip → step — with the settings of the issue's reference run: UNet and text encoder trained (in one module, as
+DeepSpeed needs), gradient checkpointing on both, Lion, the same data reader. It writes ``{samples_per_second,
 seconds_per_step, peak_memory_gib}`` to ``--result``; samples/s is the median over windows of 5 steps, the
 first window left out, the same rule as mole's metrics.
 
@@ -26,13 +28,30 @@ import torch
 from torch import nn
 
 LOG_EVERY = 5
+PAPER = Path(__file__).resolve().parent.parent / "configs" / "paper.yaml"
 # The paper's stage-1 optimizer (configs/paper.yaml).
 LION = {"lr": 2.0e-6, "betas": (0.9, 0.99), "weight_decay": 1.0e-2}
 
 
-def write_model(folder: Path, tiny: bool = False) -> Path:
-    """A diffusers folder with SD1.5's architecture (UNet, ViT-L/14 text encoder, VAE) and random weights; or the
-    embedded default with ``tiny``. The tokenizer is mole's small BPE one: the token ids fit CLIP's vocabulary."""
+#: SD-shaped model sizes: SD1.5 itself, and a small one with SD1.5's block layout (four down/up blocks, cross
+#: attention in three, 1x1 conv proj_in/out... the same 184-linear structure) at narrow widths, for GPU tests.
+SIZES: dict[str, dict[str, Any]] = {
+    "sd15": {"unet": {"sample_size": 64, "cross_attention_dim": 768},
+             "text": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                      "num_attention_heads": 12},
+             "vae": (128, 256, 512, 512), "resolution": 512},
+    "small": {"unet": {"sample_size": 8, "cross_attention_dim": 64, "block_out_channels": (32, 64, 64, 64),
+                       "attention_head_dim": 8, "norm_num_groups": 16},
+              "text": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                       "num_attention_heads": 4},
+              "vae": (16, 16, 32, 32), "resolution": 64},
+}  # fmt: skip
+
+
+def write_model(folder: Path, tiny: bool = False, size: str = "sd15") -> Path:
+    """A diffusers folder with SD1.5's architecture (UNet, CLIP text encoder, VAE) and random weights at
+    ``size`` (``sd15`` or ``small``, see :data:`SIZES`); or the embedded default with ``tiny``. The tokenizer
+    is mole's small BPE one: the token ids fit CLIP's vocabulary."""
     from mole.tiny import init_tiny_model, write_tokenizer
 
     if tiny:
@@ -42,25 +61,27 @@ def write_model(folder: Path, tiny: bool = False) -> Path:
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    spec = SIZES[size]
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer(tmp))
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
+    unet = UNet2DConditionModel(**spec["unet"])
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-            max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
+            vocab_size=49408, max_position_embeddings=77, projection_dim=spec["text"]["hidden_size"],
+            hidden_act="quick_gelu", bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, **spec["text"],
         )
     )  # fmt: skip
     vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512,
+        block_out_channels=spec["vae"], down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+        sample_size=spec["resolution"], norm_num_groups=min(32, spec["vae"][0]),
     )  # fmt: skip
+    # SD1.5's training schedule (diffusers 0.42's DDPMScheduler has no set_alpha_to_one: that is DDIM's).
     scheduler = DDPMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+        clip_sample=False, steps_offset=1, prediction_type="epsilon",
     )  # fmt: skip
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
@@ -80,27 +101,44 @@ def _peak_gib() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
+#: The stages' sections of configs/paper.yaml (the expert stage trains the face expert's recipe).
+SECTIONS = {"stage1": "stage1", "expert": "experts.face", "gates": "gates"}
+
+
 def run_mole(args: argparse.Namespace) -> dict[str, Any]:
+    """One stage through :func:`mole.train.train_stage` with configs/paper.yaml's settings (its speed switches
+    included), at this run's resolution, steps and micro-batch; ``--set`` overrides anything."""
     from bench.train_throughput import window_throughput
     from mole.train import load_config, train_stage
+    from mole.train.config import parse_overrides
 
-    overrides = {
+    section = SECTIONS[args.stage]
+    overrides: dict[str, Any] = {
         "model.resolution": args.resolution,
-        "stage1.max_steps": args.steps,
-        "stage1.batch_size": args.batch,
-        "stage1.train_text_encoder": True,
-        "stage1.gradient_checkpointing": True,
-        "stage1.mixed_precision": "no" if args.smoke else "bf16",
-        "stage1.optimizer": {"name": "lion", **LION},
-        "stage1.min_snr_gamma": 5.0,
-        "stage1.log_every": LOG_EVERY,
-        "stage1.checkpoint_every": args.steps,
-        "stage1.validation_prompts": [],
+        f"{section}.max_steps": args.steps,
+        f"{section}.batch_size": args.batch,
+        f"{section}.grad_accum": 1,
+        f"{section}.log_every": LOG_EVERY,
+        f"{section}.checkpoint_every": args.steps,
+        f"{section}.validation_prompts": [],
+        f"{section}.validation_every": None,
     }
-    recipe = load_config(None, overrides)
-    train_stage("stage1", recipe, output=args.output, data=str(args.data), base=str(args.model))
+    if args.smoke:  # the plumbing on CPU: fp32, no loader workers
+        overrides.update({f"{section}.mixed_precision": "no", f"{section}.num_workers": 0})
+    overrides.update(parse_overrides(args.set))
+    recipe = load_config(PAPER, overrides)
+    kwargs: dict[str, Any] = {"expert_name": "face"} if args.stage == "expert" else {}
+    if args.stage == "gates":
+        kwargs["experts"] = dict(item.split("=", 1) for item in args.experts)
+    train_stage(args.stage, recipe, output=args.output, data=str(args.data), base=str(args.model), **kwargs)
     info = json.loads((Path(args.output) / "result.json").read_text(encoding="utf-8"))
-    return {**window_throughput(Path(args.output) / "metrics.jsonl"), "zero_stage": info.get("zero_stage")}
+    return {
+        **window_throughput(Path(args.output) / "metrics.jsonl"),
+        "zero_stage": info.get("zero_stage"),
+        "compute_dtype": info.get("compute_dtype"),
+        "batch_size": args.batch,
+        "overrides": {k: v for k, v in overrides.items() if not k.startswith("model.")},
+    }
 
 
 class _Both(nn.Module):
@@ -180,12 +218,18 @@ def run_plain(args: argparse.Namespace) -> dict[str, Any]:
         "samples_per_second": _window_rate(step_times, args.batch),
         "windows": len(step_times) // LOG_EVERY - 1,
         "zero_stage": int(plugin.zero_stage) if plugin is not None else 0,
+        "batch_size": args.batch,
+        "compute_dtype": str(next(unet.parameters()).dtype).removeprefix("torch."),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--which", choices=["mole", "plain"], required=True)
+    parser.add_argument("--stage", choices=sorted(SECTIONS), default="stage1", help="with --which mole")
+    parser.add_argument("--set", action="append", default=[], help="config override for mole (section.key=value)")
+    parser.add_argument("--experts", nargs="*", default=[], help="NAME=PATH for the gates stage")
+    parser.add_argument("--size", choices=sorted(SIZES), default="sd15", help="resolution of this size")
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--output", type=Path, required=True)
@@ -194,7 +238,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU, fp32")
     args = parser.parse_args()
-    args.resolution = 64 if args.smoke else 512
+    args.resolution = 64 if args.smoke else SIZES[args.size]["resolution"]
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()

@@ -221,6 +221,74 @@ def _run(sec: Mapping[str, Any]) -> list[str]:
     ]
 
 
+#: Stage 1 on one GPU (issue 15): mole's samples/s at least this many times the plain loop's.
+STAGE1_SPEEDUP_MIN = 2.0
+
+
+def _flat(value: Any, prefix: str = "", depth: int = 3) -> list[tuple[str, str]]:
+    """Numeric and short text leaves of a nested result, as (dotted key, value) rows."""
+    if isinstance(value, Mapping) and depth > 0:
+        rows: list[tuple[str, str]] = []
+        for k, v in value.items():
+            if k not in ("machine", "versions", "measured_at"):
+                rows += _flat(v, f"{prefix}.{k}" if prefix else str(k), depth - 1)
+        return rows
+    if isinstance(value, bool) or value is None:
+        return [(prefix, str(value))]
+    if isinstance(value, int | float):
+        return [(prefix, _f(float(value), 3))]
+    if isinstance(value, str) and len(value) <= 80:
+        return [(prefix, value)]
+    return []
+
+
+def _gpu(sec: Mapping[str, Any]) -> list[str]:
+    check = sec.get("gpu_check", {})
+    rows = [
+        [name, r["status"], _f(r.get("seconds"), 0), (r.get("error") or "").splitlines()[0][:160] if r.get("error")
+         else r.get("command", "")]
+        for name, r in check.get("checks", {}).items()
+    ]  # fmt: skip
+    lines = [
+        "## GPU check (`make gpu-check`, bench/results/gpu.json)",
+        "",
+        f"{'Smoke run on CPU (tiny sizes: proves the script, not the GPU). ' if check.get('smoke') else ''}"
+        f"Total {_f(check.get('total_seconds'), 0)} s of a {_f(check.get('budget_seconds'), 0)} s budget.",
+        "",
+        *_table(["check", "status", "seconds", "command / error"], rows),
+    ]
+    train = sec.get("training", {})
+    runs = train.get("runs", {})
+    if runs:
+        lines += _table(
+            ["run", "batch", "samples/s", "peak memory GiB", "weights"],
+            [[name, str(r.get("batch_size", "—")), _f(r.get("samples_per_second"), 2),
+              _f(r.get("peak_memory_gib"), 1), str(r.get("compute_dtype", "—"))] for name, r in runs.items()],
+        )  # fmt: skip
+        speed = train.get("speed_vs_plain")
+        res, prec = train.get("resolution"), train.get("precision")
+        label = f"stage 1 on one GPU ({train.get('architecture')}, {res}², {prec}): ≥ {STAGE1_SPEEDUP_MIN} × plain"
+        cached = train.get("speed_vs_plain_cached_latents")
+        figure = f"{_f(speed, 2)} × plain" + (f" ({_f(cached, 2)} × with cached latents, no flips)" if cached else "")
+        verdict = _verdict(None if speed is None else speed >= STAGE1_SPEEDUP_MIN)
+        targets = [[label, figure, verdict]]
+        a100 = runs.get("stage1_mole_a100_40g", {}).get("peak_memory_gib")
+        targets.append(["stage 1, one-A100-40GB settings (batch 8, gradient checkpointing): peak < 40 GB",
+                        f"{_f(a100, 1)} GiB", _verdict(None if a100 is None
+                                                       else a100 * 2**30 < PEAK_MEMORY_MAX_BYTES)])  # fmt: skip
+        lines += _table(["target", "figure", "verdict"], targets)
+    tests = sec.get("pytest_gpu")
+    if tests:
+        lines += [f"`pytest -m gpu`: {tests.get('passed')} passed, {tests.get('failures', 0) + tests.get('errors', 0)}"
+                  f" failed, {tests.get('skipped')} skipped.", ""]  # fmt: skip
+    for name in ("mole_cost", "generation"):
+        if name in sec:
+            flat = _flat(sec[name])[:60]
+            lines += [f"`{name}` (written by its own benchmark):", "", *_table(["figure", "value"],
+                                                                               [list(r) for r in flat])]  # fmt: skip
+    return [*lines, _stamp(check or sec), ""]
+
+
 SECTIONS = {
     "mole_cost": _mole_cost,
     "layer": _layer,
@@ -228,6 +296,7 @@ SECTIONS = {
     "curation": _curation,
     "demo": _demo,
     "run": _run,
+    "gpu": _gpu,
 }
 
 

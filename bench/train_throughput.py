@@ -1,6 +1,6 @@
 """Training throughput: samples/s of each stage on the tiny model on CPU; on a GPU, stage 1 on SD1.5's
-architecture at 512² (bf16, gradient checkpointing, ZeRO-2, batch 8, UNet + text encoder) against a plain loop
-like diffusers' train_text_to_image at the same settings, with peak GPU memory.
+architecture at 512² (bf16, ZeRO-2, batch 8, UNet + text encoder; mole with configs/paper.yaml's speed settings)
+against a plain loop like diffusers' train_text_to_image (gradient checkpointing), with peak GPU memory.
 
 The tiny stages run in this process through :func:`mole.train.train_stage` (what ``mole train`` calls), with
 tracking off and no checkpoint or validation image inside the measured steps. Samples/s is the median over the
@@ -101,19 +101,54 @@ def tiny_stages(work: Path, steps: int, log_every: int = 5) -> dict[str, Any]:
     return results
 
 
-def _launch(which: str, model: Path, data: Path, out: Path, steps: int, batch: int, smoke: bool) -> dict[str, Any]:
-    """One :mod:`bench.gpu_stage1` run under ``accelerate launch`` (ZeRO-2, one process); its JSON result."""
-    result_file = out / f"{which}.json"
+def launch_env() -> dict[str, str]:
+    """The environment of a launched run: this one's, with the repository put in front of PYTHONPATH (never
+    replacing it: on the GPU machine the packages live in /tmp/site through PYTHONPATH)."""
+    path = os.pathsep.join(filter(None, [str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "MOLE_TRACKING": "off", "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    return env
+
+
+class LaunchError(RuntimeError):
+    """A launched run failed; ``oom`` says whether it ran out of GPU memory."""
+
+    def __init__(self, message: str, oom: bool) -> None:
+        super().__init__(message)
+        self.oom = oom
+
+
+def launch(
+    which: str, model: Path, data: Path, out: Path, steps: int, batch: int, smoke: bool, *,
+    name: str | None = None, stage: str = "stage1", extra: list[str] | None = None, timeout: float | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """One :mod:`bench.gpu_stage1` run under ``accelerate launch`` (ZeRO-2, one process); its JSON result.
+
+    Its output goes to ``out/<name>.log``. Raises:
+        LaunchError: The run failed (the log's tail in the message) or timed out.
+    """
+    name = name or which
+    result_file = out / f"{name}.json"
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ZERO2), "--num_processes", "1",
-        "-m", "bench.gpu_stage1", "--which", which, "--model", str(model), "--data", str(data),
-        "--output", str(out / which), "--result", str(result_file), "--steps", str(steps), "--batch", str(batch),
+        "-m", "bench.gpu_stage1", "--which", which, "--stage", stage, "--model", str(model), "--data", str(data),
+        "--output", str(out / name), "--result", str(result_file), "--steps", str(steps), "--batch", str(batch),
+        *(extra or []),
     ]  # fmt: skip
     if smoke:
         cmd += ["--smoke"]
-    env = {**os.environ, "MOLE_TRACKING": "off", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-    subprocess.run(cmd, check=True, cwd=REPO, env=env)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / f"{name}.log"
+    try:
+        with log.open("w", encoding="utf-8") as fh:
+            proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), stdout=fh, stderr=subprocess.STDOUT,
+                                  timeout=timeout, check=False)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise LaunchError(f"{name}: no result within {timeout:.0f} s", oom=False) from None
+    text = log.read_text(encoding="utf-8", errors="replace")
+    if proc.returncode != 0 or not result_file.is_file():
+        oom = "out of memory" in text.lower()
+        raise LaunchError(f"{name}: exit {proc.returncode}: {text[-1500:]}", oom=oom)
     return json.loads(result_file.read_text(encoding="utf-8"))
 
 
@@ -127,8 +162,8 @@ def gpu_stage1(work: Path, steps: int, smoke: bool = False) -> dict[str, Any]:
     data = work / "data"
     write_dataset(data, "scenes", 4 * batch, size=resolution, overwrite=True)
     runs = {}
-    for which in ("plain", "mole", "plain", "mole"):  # interleaved, best of two each (the GPU warms up)
-        r = _launch(which, model, data, work, steps, batch, smoke)
+    for k, which in enumerate(("plain", "mole", "plain", "mole")):  # interleaved, best of two (the GPU warms up)
+        r = launch(which, model, data, work, steps, batch, smoke, name=f"{which}-{k}")
         if which not in runs or r["samples_per_second"] > runs[which]["samples_per_second"]:
             runs[which] = r
     return {
@@ -136,9 +171,10 @@ def gpu_stage1(work: Path, steps: int, smoke: bool = False) -> dict[str, Any]:
         "resolution": resolution,
         "batch_size": batch,
         "precision": "fp32" if smoke else "bf16",
-        "gradient_checkpointing": True,
         "zero_stage": 2,
         "trains": "UNet + text encoder",
+        "plain_settings": "gradient checkpointing, VAE every step",
+        "mole_settings": "configs/paper.yaml stage1 (speed switches on) at the same batch",
         "mole": runs["mole"],
         "plain": runs["plain"],
         "speed_vs_plain": runs["mole"]["samples_per_second"] / runs["plain"]["samples_per_second"],

@@ -22,7 +22,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(config: str, out: Path, data: Path, base: Path, steps: int = 3) -> subprocess.CompletedProcess:
+def _launch(
+    config: str, out: Path, data: Path, base: Path, steps: int = 3, precision: str = "no"
+) -> subprocess.CompletedProcess:
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     assert accelerate, "accelerate CLI missing from the venv"
     env = {
@@ -37,6 +39,7 @@ def _launch(config: str, out: Path, data: Path, base: Path, steps: int = 3) -> s
         "-m", "mole", "train", "stage1", "--config", str(REPO / "configs" / "tiny.yaml"), "--data", str(data),
         "--output", str(out), "--base", str(base), "--max-steps", str(steps),
         "--set", "stage1.batch_size=2", "--set", "stage1.checkpoint_every=2", "--set", "stage1.validation_prompts=[]",
+        "--set", f"stage1.mixed_precision='{precision}'",  # quoted: YAML reads a bare no as false
     ]  # fmt: skip
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
@@ -51,15 +54,19 @@ def scenes(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config,zero", [("zero2.yaml", 2), ("zero3.yaml", 3)])
-def test_deepspeed_two_processes_train_save_and_load(config, zero, scenes, tiny_model_dir, tmp_path) -> None:
+@pytest.mark.parametrize("config,zero,precision", [("zero2.yaml", 2, "no"), ("zero3.yaml", 3, "bf16")])
+def test_deepspeed_two_processes_train_save_and_load(config, zero, precision, scenes, tiny_model_dir, tmp_path):
+    """ZeRO-2 in fp32; ZeRO-3 in bf16 (16-bit shards gathered on the main process, saved in fp32)."""
+    import torch
     from diffusers import StableDiffusionPipeline
 
     out = tmp_path / "run"
-    proc = _launch(config, out, scenes, tiny_model_dir)
+    proc = _launch(config, out, scenes, tiny_model_dir, precision=precision)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     result = json.loads((out / "result.json").read_text())
     assert result["processes"] == 2 and result["zero_stage"] == zero and result["steps"] == 3
+    assert result["compute_dtype"] == ("bfloat16" if precision == "bf16" else "float32")
+    assert StableDiffusionPipeline.from_pretrained(out / "model").unet.dtype == torch.float32
     # The saved model is complete (ZeRO-3 gathered its 16-bit shards) and plain diffusers runs it.
     pipe = StableDiffusionPipeline.from_pretrained(out / "model")
     image = pipe("two people in a park", num_inference_steps=2, output_type="np").images[0]

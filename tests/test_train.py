@@ -256,6 +256,7 @@ def _train_cmd(out: Path, data: Path, base: Path, steps: int) -> list[str]:
         "--output", str(out), "--base", str(base), "--max-steps", str(steps), "--resume", "latest",
         "--set", "experts.face.checkpoint_every=2", "--set", "experts.face.keep_checkpoints=2",
         "--set", "experts.face.lr_scheduler=cosine", "--set", "experts.face.caption_dropout=0.3",
+        "--set", "experts.face.ema_decay=0.9",  # the EMA resumes from safetensors + JSON, not a pickle
     ]  # fmt: skip
 
 

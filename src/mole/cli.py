@@ -62,17 +62,18 @@ def _main(
 ) -> None:
     from rich.logging import RichHandler
 
+    from mole.security import RedactingFilter
+
     if not verbose:
         # transformers and diffusers announce optional backends and loading progress on every start.
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
+    handler = RichHandler(show_path=False, rich_tracebacks=False)
+    handler.addFilter(RedactingFilter())  # no log line of any library prints a credential
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
-        force=True,
+        level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", handlers=[handler], force=True
     )
     for noisy in ("diffusers", "transformers", "urllib3", "PIL", "accelerate", "DeepSpeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.INFO)
@@ -81,15 +82,24 @@ def _main(
 def parse_named(values: list[str] | None, what: str) -> dict[str, str]:
     """``["face=/a", "hand=/b"]`` → ``{"face": "/a", "hand": "/b"}``, with errors that say what is wrong."""
     from mole.pairs import parse_pairs
+    from mole.security import InvalidNameError, check_name, redact
 
     try:
-        return parse_pairs(values, what)
+        out = parse_pairs(values, what)
     except ValueError as err:
-        raise typer.BadParameter(str(err)) from None
+        raise typer.BadParameter(redact(str(err))) from None
+    for name in out:
+        try:
+            check_name(name, f"{what}: name")  # every NAME here is an expert name: it becomes a folder
+        except InvalidNameError as err:
+            raise typer.BadParameter(str(err)) from None
+    return out
 
 
 def _fail(err: Exception) -> typer.Exit:
-    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    from mole.security import redact
+
+    typer.secho(redact(f"error: {err}"), fg=typer.colors.RED, err=True)  # messages quote URIs the user gave
     return typer.Exit(code=2)
 
 
@@ -280,6 +290,14 @@ ResumeOpt = Annotated[
     str | None,
     typer.Option(help="'latest' (newest checkpoint in OUTPUT, or a fresh start) or a checkpoint path."),
 ]
+ResumeChangedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume-changed",
+        help="Resume even though the data or settings differ from the checkpoint's run (refused otherwise); the "
+        "new ones apply from the resumed step on.",
+    ),
+]
 BaseOpt = Annotated[
     str | None,
     typer.Option(help="Model to start from: a diffusers folder or stage 1's --output folder (overrides model.base)."),
@@ -291,6 +309,7 @@ def _train(stage: str, config: Path | None, overrides: list[str] | None, **kwarg
     from mole.data.shards import DatasetError
     from mole.storage import StorageError
     from mole.train import ConfigError, load_config, train_stage
+    from mole.train.checkpoint import CheckpointError
     from mole.train.config import parse_data, parse_overrides
     from mole.train.stages import StageError
 
@@ -298,7 +317,7 @@ def _train(stage: str, config: Path | None, overrides: list[str] | None, **kwarg
         recipe = load_config(config, parse_overrides(overrides))
         kwargs["data"] = parse_data(kwargs.get("data"))
         result = train_stage(stage, recipe, **kwargs)
-    except (ConfigError, StageError, DatasetError, StorageError, FileNotFoundError) as err:
+    except (ConfigError, StageError, CheckpointError, DatasetError, StorageError, FileNotFoundError) as err:
         raise _fail(err) from err
     if result.result is not None:  # only the main process reports
         typer.echo(
@@ -314,11 +333,13 @@ def train_stage1(
     output: OutputOpt = None,
     max_steps: StepsOpt = None,
     resume: ResumeOpt = None,
+    resume_changed: ResumeChangedOpt = False,
     base: BaseOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Stage 1: fine-tune the UNet (and by default the text encoder) on the human-centric dataset."""
-    _train("stage1", config, set_, output=output, data=data, base=base, max_steps=max_steps, resume=resume)
+    _train("stage1", config, set_, output=output, data=data, base=base, max_steps=max_steps, resume=resume,
+           resume_changed=resume_changed)  # fmt: skip
 
 
 @train_app.command("expert")
@@ -335,13 +356,14 @@ def train_expert(
     output: OutputOpt = None,
     max_steps: StepsOpt = None,
     resume: ResumeOpt = None,
+    resume_changed: ResumeChangedOpt = False,
     base: BaseOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Stage 2: one LoRA expert on the stage-1 UNet (run once per expert; they are independent)."""
     _train(
         "expert", config, set_, output=output, data=data, base=base, max_steps=max_steps, resume=resume,
-        expert_name=name,
+        expert_name=name, resume_changed=resume_changed,
     )  # fmt: skip
 
 
@@ -363,6 +385,7 @@ def train_gates(
     output: OutputOpt = None,
     max_steps: StepsOpt = None,
     resume: ResumeOpt = None,
+    resume_changed: ResumeChangedOpt = False,
     base: BaseOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -373,23 +396,24 @@ def train_gates(
     _train(
         "gates", config, set_, output=output, data=data, base=base, max_steps=max_steps, resume=resume,
         experts=parse_named(experts, "--experts") or None, gate=gate, condition=condition,
+        resume_changed=resume_changed,
     )  # fmt: skip
 
 
 def _curate(kind: str, input_: str, output: str, config: Path | None, overrides: list[str] | None, **kw) -> None:
-    import yaml
-
     from mole.data.curate import CurateConfig, curate_tracked
     from mole.data.shards import DatasetError
     from mole.storage import StorageError, localize
-    from mole.train.config import ConfigError, format_validation_error, parse_overrides
+    from mole.train.config import (
+        ConfigError,
+        apply_overrides,
+        format_validation_error,
+        parse_overrides,
+        read_yaml_mapping,
+    )
 
     try:
-        from mole.presets import resolve
-
-        tree = yaml.safe_load(resolve(config).read_text(encoding="utf-8")) if config else {}
-        for key, value in parse_overrides(overrides).items():
-            tree[key] = value
+        tree = apply_overrides(read_yaml_mapping(config) if config else {}, parse_overrides(overrides))
         try:
             cfg = CurateConfig.model_validate(tree or {})
         except Exception as err:  # pydantic ValidationError

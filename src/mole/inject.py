@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mole.layers import GATE_MODES, MOLE_PREFIX, RUN_MODES, ExpertWeights, GateMode, MoLELayer
+from mole.security import check_name
 from mole.timestep import CONDITIONS, attach_timestep, detach_timestep, time_embedding_dim
 
 logger = logging.getLogger(__name__)
@@ -268,6 +269,8 @@ def apply_mole(
     """
     if not experts:
         raise ValueError("apply_mole needs at least one expert")
+    for name in experts:
+        check_name(name)  # also guards names read from a gates file or the registry
     if gate not in GATE_MODES:
         raise ValueError(f"gate must be one of {GATE_MODES}, got {gate!r}")
     if condition not in CONDITIONS:

@@ -33,6 +33,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mole.security import redact
+
 if TYPE_CHECKING:
     from boto3.s3.transfer import TransferConfig
     from botocore.client import BaseClient
@@ -51,7 +53,6 @@ DEFAULT_MAX_WORKERS = 8
 #: keep this module free of numpy and PIL).
 DATASET_MARKER = "dataset.json"
 
-_SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 _NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 _DENIED_CODES = {
     "403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
@@ -74,12 +75,30 @@ def is_s3(uri: str | os.PathLike[str]) -> bool:
     return str(uri).startswith("s3://")
 
 
+class StorageURIError(StorageError, ValueError):
+    """An ``s3://`` URI that is malformed or unsafe (credentials in it, ``..`` in its key); raised before any I/O."""
+
+
 def split_s3(uri: str) -> tuple[str, str]:
-    """``s3://bucket/a/b`` → ``("bucket", "a/b")`` (surrounding slashes of the key dropped)."""
+    """``s3://bucket/a/b`` → ``("bucket", "a/b")`` (surrounding slashes of the key dropped).
+
+    Refuses credentials in the URI (they belong in the environment, and would be printed) and ``.``/``..`` key
+    segments: the key becomes a local path under the download cache (:func:`localize`), which ``s3://raw/../../x``
+    would escape.
+
+    Raises:
+        StorageURIError: No bucket, userinfo in the bucket part, or a ``.``/``..`` segment in the key.
+    """
     rest = uri[len("s3://") :]
     bucket, _, key = rest.partition("/")
     if not bucket:
-        raise ValueError(f"not an s3 URI with a bucket: {uri!r}")
+        raise StorageURIError(f"not an s3 URI with a bucket: {redact(uri)!r}")
+    if "@" in bucket or ":" in bucket:
+        raise StorageURIError(
+            f"{redact(uri)}: credentials do not go into an s3:// URI; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+        )
+    if any(part in (".", "..") for part in key.split("/")):
+        raise StorageURIError(f"{redact(uri)}: '.' and '..' are not allowed in an s3:// key (it becomes a local path)")
     return bucket, key.strip("/")
 
 
@@ -180,14 +199,6 @@ def transfer_config(
 # ----------------------------------------------------------------------------------------------------- errors
 
 
-def _redact(text: str) -> str:
-    for name in _SECRET_ENV_VARS:
-        value = os.environ.get(name)
-        if value and len(value) >= 4:
-            text = text.replace(value, "***")
-    return text
-
-
 def _find_cause(err: BaseException) -> BaseException:
     """The botocore exception behind ``err`` (boto3 wraps ClientError in S3UploadFailedError, for one)."""
     from botocore.exceptions import BotoCoreError, ClientError
@@ -241,7 +252,7 @@ def _storage_error(action: str, uri: str, err: BaseException, client: BaseClient
         text = f"S3 endpoint {endpoint} unreachable or not answering, retries exhausted ({type(cause).__name__})"
     else:
         text = f"{type(cause).__name__}: {cause}"
-    return error_cls(_redact(f"{action} {uri} failed: {text}"))
+    return error_cls(redact(f"{action} {uri} failed: {text}"))
 
 
 @contextlib.contextmanager
@@ -605,6 +616,8 @@ def staged_output(
     """
     if not is_s3(uri):
         path = Path(uri)
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(f"output {path} is an existing file, not a folder")
         path.mkdir(parents=True, exist_ok=True)
         yield path
         return

@@ -17,12 +17,13 @@ import contextlib
 import json
 import logging
 import os
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mole.security import check_name, holds_env_secret, is_secret_key
+from mole.security import redact as redact_text
 from mole.serve.pyfunc import mole_pyfunc, pyfunc_environment
 from mole.storage import StorageError
 from mole.uris import ModelURI, model_version, parse_model_uri
@@ -32,11 +33,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
 DEFAULT_EXPERIMENT = "mole"
 REGISTERED = {"stage1": "mole-stage1", "mole": "mole"}
-_SECRET_KEY = re.compile(r"secret|password|passwd|token|credential|access_key|api_key|auth", re.IGNORECASE)
 
 
 def expert_model_name(expert: str) -> str:
-    return f"mole-expert-{expert}"
+    """The registered model of expert ``expert``; the name is checked first (it names a registry entry)."""
+    return f"mole-expert-{check_name(expert)}"
 
 
 def enabled() -> bool:
@@ -70,9 +71,9 @@ def _client():
 
 
 def redact(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Flatten nested params to dotted keys; blank any whose key looks like a credential, and any value that
-    equals a credential found in the environment (defence in depth: secrets never reach MLflow)."""
-    secrets = {v for k, v in os.environ.items() if _SECRET_KEY.search(k) and len(v) >= 6}
+    """Flatten nested params to dotted keys; blank any whose key looks like a credential and any value that holds
+    a credential found in the environment; mask credentials inside URIs (:func:`mole.security.redact`), so
+    ``--output s3://user:pass@bucket/x`` is stored as ``s3://***@bucket/x``. Secrets never reach MLflow."""
     flat: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -81,8 +82,8 @@ def redact(params: Mapping[str, Any]) -> dict[str, Any]:
                 walk(f"{prefix}.{k}" if prefix else str(k), v)
             return
         text = json.dumps(value, default=str) if isinstance(value, list | tuple) else str(value)
-        if _SECRET_KEY.search(prefix) or any(s in text for s in secrets):
-            text = "***"
+        # A value holding an environment secret is blanked whole; URI credentials are masked in place.
+        text = "***" if is_secret_key(prefix) or holds_env_secret(text) else redact_text(text)
         flat[prefix] = text[:6000]
 
     walk("", dict(params))
@@ -94,16 +95,6 @@ class ArtifactStoreError(StorageError):
 
     Raised before anything is registered: a model version never points at artifacts that were not stored.
     """
-
-
-def _where(uri: str) -> str:
-    """A tracking URI without credentials or query: what an error message may show."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(uri)
-    if parts.scheme in ("http", "https"):
-        return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return parts.scheme or "file"
 
 
 class StageRun:
@@ -124,7 +115,7 @@ class StageRun:
         self.run_id = self.run.info.run_id
         self.stage = stage
         self._mlflow = mlflow
-        logger.info("MLflow run %s (%s) at %s", self.run_id, stage, mlflow.get_tracking_uri())
+        logger.info("MLflow run %s (%s) at %s", self.run_id, stage, redact_text(mlflow.get_tracking_uri()))
 
     # --- the MetricsLogger interface -------------------------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
@@ -152,7 +143,7 @@ class StageRun:
             cause = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
             raise ArtifactStoreError(
                 f"could not store {what} of run {self.run_id} ({self.stage}) through the tracking server at "
-                f"{_where(self._mlflow.get_tracking_uri())}: its artifact store (S3) may be down or refusing "
+                f"{redact_text(self._mlflow.get_tracking_uri())}: its artifact store (S3) may be down or refusing "
                 f"uploads; nothing was registered. Cause: {cause}"
             ) from err
 
@@ -392,7 +383,7 @@ def finish_pipeline_run(job_id: str, state: str, error: str | None = None) -> st
     run_id = found[0].info.run_id
     client.set_tag(run_id, "mole.pipeline_state", state)
     if error:
-        client.set_tag(run_id, "mole.pipeline_error", error[:5000])
+        client.set_tag(run_id, "mole.pipeline_error", redact_text(error)[:5000])
     client.set_terminated(run_id, "FINISHED" if state == "SUCCEEDED" else "FAILED")
     return run_id
 

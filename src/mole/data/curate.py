@@ -26,10 +26,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from mole.data.crops import Deduplicator, crop_resize, phash, sliding_windows
+from mole.data.curate_state import STATE_FILE, begin, work_state
 from mole.data.ingest import (
     MAX_PIXELS,
     Rejected,
     Table,
+    check_inside,
     list_images,
     load_image,
     read_table,
@@ -66,6 +68,9 @@ class CurateConfig(BaseModel):
     """Inputs whose short side is below this are rejected as too small."""
     max_pixels: int = Field(MAX_PIXELS, ge=1)
     """Inputs above this many pixels are refused as decompression bombs."""
+    max_aspect: float = Field(8.0, ge=1)
+    """Inputs whose long side is more than this many times the short side are refused before decoding: a
+    256×40000 strip cost 30 s and 3 GB in face detection and holds no usable close-up or scene."""
     margin: float = Field(0.4, ge=0)
     """Faces/hands: margin around the detected box, as a fraction of its side, on each side."""
     filters: dict[str, dict[str, Any]] | None = None
@@ -192,15 +197,19 @@ class _Worker:
 
         out, error = caption_crops(
             crops, captioner=Precomputed(generated) if generated is not None else None, finish=self._finish_caption,
-            sidecar=sidecar_caption(path), default=self.cfg.default_caption, every_crop=self.kind == "scenes",
-            label=path.name,
+            sidecar=sidecar_caption(path, self.root), default=self.cfg.default_caption,
+            every_crop=self.kind == "scenes", label=path.name,
         )  # fmt: skip
         if error:
             record["captioner_error"] = error
         return out
 
     def _wants_captions(self, path: Path, crops: list[Any]) -> bool:
-        return self.captioner is not None and bool(crops) and (self.kind == "scenes" or sidecar_caption(path) is None)
+        return (
+            self.captioner is not None
+            and bool(crops)
+            and (self.kind == "scenes" or sidecar_caption(path, self.root) is None)
+        )
 
     def batch(self, tasks: list[tuple[int, str]]) -> list[InputResult]:
         """Process inputs together so that the captioner sees the crops of all of them in one call (batches of
@@ -241,15 +250,23 @@ class _Worker:
         index, source = task
         path = self.root / source
         record: dict[str, Any] = {"source": source, "status": "rejected", "reason": None, "samples": 0}
-        record.update(self.sources.lookup(path, self.root) or {})
-        record.setdefault("license", None)
+        # The --sources row goes under its own key: its columns can never touch the record's own fields.
+        provenance = dict(self.sources.lookup(path, self.root) or {})
+        record["provenance"] = provenance
+        record["license"] = str(provenance["license"]) if provenance.get("license") is not None else None
         try:
+            check_inside(path, self.root)  # links must lead to a file inside --input
             record["sha256"] = sha256_file(path)
-            image = load_image(path, max_pixels=self.cfg.max_pixels, min_side=self.cfg.min_side)
+            image = load_image(path, max_pixels=self.cfg.max_pixels, min_side=self.cfg.min_side,
+                               max_aspect=self.cfg.max_aspect)  # fmt: skip
             record["width"], record["height"] = image.size
             h = phash(image)
             record["phash"] = f"{h:016x}"
-            if self.captioner is None and self.cfg.default_caption is None and sidecar_caption(path) is None:
+            if (
+                self.captioner is None
+                and self.cfg.default_caption is None
+                and sidecar_caption(path, self.root) is None
+            ):
                 raise Rejected("no caption (no sidecar, no captioner, no default_caption)")
             attrs = self.attributes.lookup(path, self.root)
             result = InputResult(record, hash=h)
@@ -320,7 +337,11 @@ class _Worker:
 
 
 _WORKER: _Worker | None = None
-_INIT_ERROR: Exception | None = None
+_INIT_ERROR: str | None = None
+
+
+class WorkerSetupError(ValueError):
+    """A worker could not build its filters or models (bad option, missing model file)."""
 
 
 def _init_worker(*args: Any) -> None:
@@ -330,15 +351,13 @@ def _init_worker(*args: Any) -> None:
     torch.set_num_threads(1)  # one core per worker process
     try:
         _WORKER = _Worker(*args)
-    except Exception as err:  # raised from _run: a failing initializer would make the pool respawn it forever
-        _INIT_ERROR = err
+    except Exception as err:  # an initializer that raises makes multiprocessing.Pool respawn workers forever
+        _INIT_ERROR = f"{type(err).__name__}: {err}"
 
 
 def _run(tasks: list[tuple[int, str]]) -> list[InputResult]:
-    if _INIT_ERROR is not None:
-        raise _INIT_ERROR  # e.g. a captioner folder that is not a captioner: the whole curation stops, clearly
-    if _WORKER is None:
-        raise RuntimeError("curation worker was not initialised")
+    if _INIT_ERROR is not None or _WORKER is None:  # e.g. a captioner folder that is not a captioner: stop clearly
+        raise WorkerSetupError(f"curation worker setup failed: {_INIT_ERROR or 'worker was not initialised'}")
     return _WORKER.batch(tasks)
 
 
@@ -384,15 +403,18 @@ def curate(
         kind: ``scenes`` (sliding-window crops), ``faces`` or ``hands`` (close-up crops).
         attributes: Table keyed by file name whose columns go into each sample's metadata.
         sources: Table keyed by file name with license/provenance columns for the manifest.
-        overwrite: Start over instead of resuming an interrupted curation in ``output``.
+        overwrite: Start over instead of resuming an interrupted curation in ``output``. Without it, a resumed
+            curation must be the same work (inputs, settings, tables; :mod:`mole.data.curate_state`).
         meta: Extra entries for the dataset index's ``meta`` (the tracking run id, for lineage).
     """
     from tqdm.auto import tqdm
 
     cfg = cfg or CurateConfig()
     root, out = Path(input_dir), Path(output)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output {out} is an existing file, not a folder")
     if overwrite and out.exists():
-        for name in (INDEX_FILE, "manifest.jsonl", "stats.json"):
+        for name in (INDEX_FILE, "manifest.jsonl", "stats.json", STATE_FILE):
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / "chunks", ignore_errors=True)
     elif (out / INDEX_FILE).exists():
@@ -401,6 +423,11 @@ def curate(
     if not inputs:
         raise ValueError(f"no images in {root} (looked for {', '.join(sorted({'.jpg', '.png', '.webp'}))}...)")
     attr_table, source_table = read_table(attributes), read_table(sources)
+    from mole.data.filters import build_filters
+
+    build_filters(cfg.filters if cfg.filters is not None else DEFAULT_FILTERS[kind])  # bad options fail here, once
+    state = work_state(kind, root, inputs, cfg.model_dump(), {"attributes": attributes, "sources": sources})
+    begin(out, state, has_chunks=(out / "chunks").is_dir() and any((out / "chunks").iterdir()))
     workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
     per = cfg.inputs_per_shard
     chunks = [(c, list(enumerate(inputs))[c * per : (c + 1) * per]) for c in range((len(inputs) + per - 1) // per)]
@@ -476,7 +503,8 @@ def _finish(
             for shard in index.shards if index else []:
                 shards.append(ShardInfo(f"chunks/{c:06d}/{shard.path}", shard.num_samples, shard.sha256))
     os.replace(out / "manifest.jsonl.tmp", out / "manifest.jsonl")
-    assert status["kept"] + status["rejected"] == n_inputs, "an input is missing from the manifest"
+    if set(status) - {"kept", "rejected"} or status["kept"] + status["rejected"] != n_inputs:
+        raise RuntimeError(f"{out}: the manifest accounts for {dict(status)} of {n_inputs} inputs")
     stats = {
         "inputs": n_inputs,
         "kept": status["kept"],

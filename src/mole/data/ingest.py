@@ -37,18 +37,51 @@ class Rejected(Exception):
 
 
 def list_images(root: Path) -> list[Path]:
-    """Every file under ``root`` that looks like an image by suffix, sorted (a stable input order)."""
+    """Every file under ``root`` that looks like an image by suffix, sorted (a stable input order).
+
+    Symbolic links are listed too, broken and looping ones included, so that each is accounted for (curation
+    rejects those that do not lead to a file inside ``root``: :func:`check_inside`).
+    """
     if not root.is_dir():
         raise FileNotFoundError(f"input folder not found: {root}")
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in root.rglob("*") if (p.is_symlink() or p.is_file()) and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def load_image(path: Path, max_pixels: int = MAX_PIXELS, min_side: int = 64) -> Image.Image:
-    """Decode, refuse bombs, apply EXIF orientation, convert to 8-bit RGB.
+def check_inside(path: Path, root: Path) -> None:
+    """Refuse a path that is not a regular file inside ``root`` once links are followed.
+
+    Raises:
+        Rejected: ``broken or looping symlink``, ``symlink outside the input folder``, ``not a regular file``.
+    """
+    try:
+        real = path.resolve(strict=True)
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
+        raise Rejected("broken or looping symlink") from None
+    if not real.is_relative_to(root.resolve()):
+        raise Rejected("symlink outside the input folder")
+    if not real.is_file():
+        raise Rejected("not a regular file")
+
+
+def _inside(path: Path, root: Path | None) -> bool:
+    if root is None:
+        return True
+    try:
+        check_inside(path, root)
+    except Rejected:
+        return False
+    return True
+
+
+def load_image(
+    path: Path, max_pixels: int = MAX_PIXELS, min_side: int = 64, max_aspect: float | None = None
+) -> Image.Image:
+    """Decode, refuse bombs and (with ``max_aspect``) extreme shapes before decoding, apply EXIF orientation,
+    convert to 8-bit RGB.
 
     Raises:
         Rejected: ``empty file``, ``not an image``, ``truncated or corrupt image``, ``decompression bomb``,
-            ``too small``.
+            ``extreme aspect ratio``, ``too small``.
     """
     if path.stat().st_size == 0:
         raise Rejected("empty file")
@@ -59,6 +92,8 @@ def load_image(path: Path, max_pixels: int = MAX_PIXELS, min_side: int = 64) -> 
                 w, h = probe.size
                 if w * h > max_pixels:
                     raise Rejected(f"decompression bomb ({w}×{h} > {max_pixels} pixels)")
+                if max_aspect is not None and max(w, h) > max_aspect * max(1, min(w, h)):
+                    raise Rejected(f"extreme aspect ratio ({w}×{h}, more than {max_aspect:g}:1)")
                 image = ImageOps.exif_transpose(probe)  # loads the pixels; raises on truncation
                 image.load()
                 image = to_rgb(image)
@@ -75,14 +110,15 @@ def load_image(path: Path, max_pixels: int = MAX_PIXELS, min_side: int = 64) -> 
     return image
 
 
-def sidecar_caption(path: Path) -> str | None:
-    """``photo.txt`` or ``photo.json`` (key ``caption`` or ``text``) beside ``photo.jpg``, if any."""
+def sidecar_caption(path: Path, root: Path | None = None) -> str | None:
+    """``photo.txt`` or ``photo.json`` (key ``caption`` or ``text``) beside ``photo.jpg``, if any; with ``root``,
+    a sidecar that is a link leading outside ``root`` (to ``/etc/hostname``, say) is ignored."""
     txt = path.with_suffix(".txt")
-    if txt.is_file():
+    if txt.is_file() and _inside(txt, root):
         text = txt.read_text(encoding="utf-8", errors="replace").strip()
         return text or None
     js = path.with_suffix(".json")
-    if js.is_file():
+    if js.is_file() and _inside(js, root):
         try:
             data = json.loads(js.read_text(encoding="utf-8"))
         except json.JSONDecodeError:

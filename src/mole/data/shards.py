@@ -91,6 +91,35 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def verify_shard(root: Path, shard: ShardInfo) -> Path:
+    """Check one shard against its index entry before anything reads it: its sha256 (one streaming pass) and
+    that it is a tar holding exactly ``shard.num_samples`` sample keys. Returns its path.
+
+    Training reads shards by tar offsets; a truncated or replaced shard would otherwise train on whatever part of
+    it still parses, and exit 0.
+
+    Raises:
+        DatasetError: Naming the shard: its bytes are not what the index says, it is not a tar, or it holds another
+            number of samples.
+    """
+    path = root / shard.path
+    if sha256_file(path) != shard.sha256:
+        raise DatasetError(
+            f"shard {shard.path} of {root}: sha256 does not match {INDEX_FILE} (truncated, corrupted or replaced); "
+            "copy the dataset again or re-create it"
+        )
+    try:
+        with tarfile.open(path, "r:") as tar:
+            keys = {m.name.partition(".")[0] for m in tar if m.isfile() and "." in m.name}
+    except (tarfile.TarError, OSError) as err:
+        raise DatasetError(f"shard {shard.path} of {root} is not a readable tar: {err}") from err
+    if len(keys) != shard.num_samples:
+        raise DatasetError(
+            f"shard {shard.path} of {root} holds {len(keys)} samples, {INDEX_FILE} says {shard.num_samples}"
+        )
+    return path
+
+
 def compute_digest(shard_sha256s: list[str]) -> str:
     """The dataset digest: sha256 (hex) of the shards' sha256 hex strings concatenated in index order."""
     return hashlib.sha256("".join(shard_sha256s).encode("ascii")).hexdigest()

@@ -20,7 +20,9 @@ ExpertsOpt = Annotated[
 
 
 def _fail(err: Exception) -> typer.Exit:
-    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    from mole.security import redact
+
+    typer.secho(redact(f"error: {err}"), fg=typer.colors.RED, err=True)
     return typer.Exit(code=2)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mole.pairs import split_pair
+from mole.security import check_name
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,9 @@ def parse_experts(specs: Sequence[str] | None) -> dict[str, str] | None:
             name, kind = spec.strip(), ""
         if not name:
             raise ValueError(f"expert spec {spec!r} needs a name (NAME or NAME=DATA_KIND)")
-        out[name] = kind or {"face": "faces", "hand": "hands", "foot": "feet"}.get(name, name)
+        check_name(name, "--expert")
+        out[name] = check_name(kind, "--expert data kind") if kind else {"face": "faces", "hand": "hands",
+                                                                       "foot": "feet"}.get(name, name)  # fmt: skip
     return out
 
 

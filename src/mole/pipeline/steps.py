@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mole.pairs import parse_pairs
+from mole.security import check_name, redact
 from mole.uris import is_model_uri, model_version, parse_model_uri
 
 logger = logging.getLogger(__name__)
@@ -179,6 +180,7 @@ def data(
     from mole.data.shards import read_index
 
     _tracking(tracking_uri, experiment, parent_run_id)
+    check_name(kind, "data kind")  # it becomes a folder and a prefix below
     if source not in ("synthetic", "curate"):
         raise ValueError(f"data source must be 'synthetic' or 'curate', got {source!r}")
     raw = (raw_inputs or {}).get(kind, "")
@@ -238,6 +240,10 @@ def train(
     gates' ``none``/``timestep`` (empty: the config's).
     """
     _tracking(tracking_uri, experiment, parent_run_id)
+    if stage == "expert":
+        check_name(expert, "expert")  # a pipeline parameter: it becomes the folder below
+    for name in parse_pairs(experts, "experts"):
+        check_name(name, "experts")
     out = Path(workdir) / (f"expert-{expert}" if stage == "expert" else stage)
     args = mole_train_args(stage, config, data, base_model, out, expert=expert, experts=experts, gate=gate,
                            max_steps=max_steps, condition=condition)  # fmt: skip
@@ -245,7 +251,7 @@ def train(
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(_resolve_config("configs/accelerate/zero2.yaml")), "--num_processes", str(processes),
                "-m", "mole", *args]  # fmt: skip
-        logger.info("running %s", " ".join(cmd))
+        logger.info("running %s", redact(" ".join(cmd)))
         # Its own process group, so that a step deadline ends the launcher and every worker it started.
         proc = subprocess.Popen(cmd, start_new_session=True)
         _CHILDREN.add(proc)

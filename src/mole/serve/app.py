@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -39,12 +39,53 @@ from mole.serve.service import (
     RequestTimeout,
     Service,
     ServiceSettings,
+    ShuttingDown,
     redact,
 )
 
 logger = logging.getLogger(__name__)
 
 GENERATE_PATH = "/v1/generate"
+#: The largest request body: two prompts of MAX_PROMPT_CHARS (up to 4 bytes a character in UTF-8, 6 escaped) and a
+#: few numbers fit many times over; anything bigger is refused (413) before it is read.
+MAX_BODY_BYTES = 64 * 1024
+#: Seconds the HTTP server waits beyond the service's drain timeout, so that stopped requests get their 503 first.
+SHUTDOWN_GRACE = 5.0
+
+
+class BodyTooLarge(HTTPException):
+    """A request body over :data:`MAX_BODY_BYTES` (answered 413)."""
+
+    def __init__(self) -> None:
+        super().__init__(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over ``limit`` bytes by their Content-Length before reading them, and stop
+    reading a chunked body at ``limit`` bytes (a 100 MB body was read whole before it was refused)."""
+
+    def __init__(self, app: Any, limit: int = MAX_BODY_BYTES) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            await _error(413, BodyTooLarge().detail)(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise BodyTooLarge  # an HTTPException: FastAPI passes it on to its handler below
+            return message
+
+        await self.app(scope, limited, send)
 
 
 def _error(status: int, message: str, field: str | None = None, headers: Mapping[str, str] | None = None):
@@ -81,7 +122,12 @@ def create_app(service: Service, drain_timeout: float = 30.0) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.service = service
+    app.add_middleware(BodyLimit)
     metrics = service.metrics
+
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+        return _error(413, str(exc.detail))
 
     @app.middleware("http")
     async def count_generations(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -153,7 +199,8 @@ def create_app(service: Service, drain_timeout: float = 30.0) -> FastAPI:
         response_model=GenerateResponse,
         responses={
             200: {"content": {"image/png": {}}, "description": "JSON, or the PNG itself with `Accept: image/png`."},
-            422: {"description": "A field out of bounds; `message` names it."},
+            413: {"description": f"A body over {MAX_BODY_BYTES} bytes."},
+            422: {"description": "A field out of bounds or of the wrong type (no coercion); `message` names it."},
             429: {"description": "Queue full; retry after `Retry-After` seconds."},
             503: {"description": "The model is not loaded (yet)."},
             504: {"description": "Not finished within the per-request timeout."},
@@ -171,6 +218,8 @@ def create_app(service: Service, drain_timeout: float = 30.0) -> FastAPI:
             result = await service.submit(body, mode, width, height)
         except RequestError as err:
             return _error(422, err.message, field=err.field)
+        except ShuttingDown as err:
+            return _error(503, str(err))  # no Retry-After: this process will not come back; another replica may
         except NotReady as err:
             return _error(503, str(err), headers={"Retry-After": "5"})
         except QueueFull as err:
@@ -289,9 +338,20 @@ def run_server(
     service = Service(loader, settings, description=description, on_load_error=on_load_error)
     app = create_app(service, drain_timeout=shutdown_timeout)
     config = uvicorn.Config(
-        app, host=host, port=port, log_config=None, timeout_graceful_shutdown=shutdown_timeout, lifespan="on"
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        timeout_graceful_shutdown=shutdown_timeout + SHUTDOWN_GRACE,
+        lifespan="on",
     )
-    server = uvicorn.Server(config)
+
+    class _Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            service.begin_shutdown(shutdown_timeout)  # stopped requests answer 503 before uvicorn cancels them
+            await super().shutdown(sockets)
+
+    server = _Server(config)
     moved: list[str] = []
     follower = None
     if follow_alias > 0 and hasattr(loader, "moved"):

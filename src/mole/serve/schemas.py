@@ -46,9 +46,10 @@ Side = Annotated[
 
 
 class GenerateRequest(BaseModel):
-    """``POST /v1/generate``. Unknown fields are refused, so that a misspelled option is not silently ignored."""
+    """``POST /v1/generate``. Unknown fields are refused, so that a misspelled option is not silently ignored, and
+    types are strict (``"steps": "2"`` or ``"return_gates": "yes"`` is a 422, not a guess)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(
         min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw (at most 77 CLIP tokens)."

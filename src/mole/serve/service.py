@@ -21,9 +21,9 @@ import inspect
 import io
 import logging
 import math
-import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -32,6 +32,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from mole.security import redact
 from mole.serve.schemas import MODE_HELP, GenerateRequest
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,11 @@ class NotReady(RuntimeError):
     """The model is still loading, or failed to load (answered 503)."""
 
 
+class ShuttingDown(NotReady):
+    """The service is closing: new requests are refused and those not done by the drain timeout are stopped
+    (answered 503, as a request that found no model)."""
+
+
 class QueueFull(RuntimeError):
     """Every worker and queue slot is taken (answered 429 with ``Retry-After``)."""
 
@@ -67,19 +73,6 @@ class RequestTimeout(TimeoutError):
 
 class _Cancelled(Exception):
     """Raised inside a worker to stop a generation whose request has timed out or the service is closing."""
-
-
-_SECRET_PATTERNS = (
-    (re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/\s:@]+:[^/\s@]+@"), r"\1***@"),  # user:password@ in URIs
-    (re.compile(r"([?&](?:X-Amz-[\w-]+|token|sig|signature|key|access_key|secret)=)[^&\s]+", re.I), r"\1***"),
-)
-
-
-def redact(text: str) -> str:
-    """``text`` with URI credentials and signed-URL tokens masked: what goes into logs and error bodies."""
-    for pattern, repl in _SECRET_PATTERNS:
-        text = pattern.sub(repl, text)
-    return text
 
 
 @dataclass
@@ -231,7 +224,8 @@ class Service:
         self._lock = threading.Lock()
         self._accepted = 0  # accepted and not finished
         self._running = 0
-        self._seconds_per_request = 1.0  # running mean of generation time, for Retry-After
+        self._recent_seconds: deque[float] = deque(maxlen=16)  # recent generation times, for Retry-After
+        self._closing = False
         self._jobs: set[_Job] = set()
         self._tokenizer: Any = None
         self._lease: _ModeLease | None = None
@@ -329,12 +323,23 @@ class Service:
         self.metrics.queue_depth.set(max(0, self._accepted - self._running))
         self.metrics.in_flight.set(self._running)
 
-    def retry_after(self) -> int:
-        """Seconds until a slot is likely free: the queue ahead, worked off ``concurrency`` at a time."""
+    def _observe(self, seconds: float) -> None:
+        """Record one generation's duration (the recent ones estimate ``Retry-After``)."""
         with self._lock:
-            waiting = max(0, self._accepted - self._running)
-        per_request = self._seconds_per_request
-        return max(1, math.ceil(per_request * (waiting + 1) / self.settings.concurrency))
+            self._recent_seconds.append(seconds)
+
+    def retry_after(self) -> int:
+        """Seconds until the accepted work (running and queued) is likely done, ``concurrency`` at a time.
+
+        The per-request time is the median of the recent generations (1 s before the first): a median, because
+        the first generations of a process (lazy initialisation, cold caches) take many times longer and a running
+        mean carried that for dozens of requests (a 39 s estimate for a queue that drained in 4).
+        """
+        with self._lock:
+            accepted = self._accepted
+            recent = sorted(self._recent_seconds)
+        per_request = recent[len(recent) // 2] if recent else 1.0
+        return max(1, math.ceil(per_request * accepted / self.settings.concurrency))
 
     async def submit(self, request: GenerateRequest, mode: str, width: int, height: int) -> Result:
         """Queue a validated request and wait for its images.
@@ -343,6 +348,8 @@ class Service:
             QueueFull: Every worker and queue slot is taken.
             RequestTimeout: No answer within ``request_timeout`` (the generation is stopped).
         """
+        if self._closing:
+            raise ShuttingDown("the service is shutting down")
         capacity = self.settings.concurrency + self.settings.max_queue
         with self._lock:
             full = self._accepted >= capacity
@@ -367,6 +374,14 @@ class Service:
             raise RequestTimeout(
                 f"no answer within {self.settings.request_timeout:g} s; the generation was stopped"
             ) from err
+        except (_Cancelled, asyncio.CancelledError):
+            # Stopped at shutdown, past the drain timeout: by begin_shutdown/close (_Cancelled from the worker, or
+            # its future cancelled) or by the server cancelling this task. Either way the client gets a 503, not
+            # the server's plain-text 500 and a traceback in the log.
+            if self._closing:
+                job.cancelled.set()
+                raise ShuttingDown("the service shut down before this request finished") from None
+            raise
 
     def _finished(self, job: _Job) -> None:
         with self._lock:
@@ -427,7 +442,7 @@ class Service:
             with self._lock:
                 self._running -= 1
                 self._update_gauges()
-        self._seconds_per_request = 0.8 * self._seconds_per_request + 0.2 * seconds
+        self._observe(seconds)
         self.metrics.images.labels(mode=job.mode).inc(len(pngs))
         gates = None
         if out.gate_trace is not None:
@@ -438,14 +453,26 @@ class Service:
             queue_seconds=started - job.created, generate_seconds=seconds,
         )  # fmt: skip
 
-    async def close(self, timeout: float = 30.0) -> None:
-        """Let accepted requests finish (up to ``timeout`` seconds), then stop what is left."""
-        deadline = time.monotonic() + timeout
-        while self._accepted > 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+    def begin_shutdown(self, drain: float) -> None:
+        """Refuse new requests (503) and stop what is still running ``drain`` seconds from now, so that every
+        request gets its 503 before the HTTP server gives up on its connections."""
+        self._closing = True
+        timer = threading.Timer(drain, self._stop_jobs)
+        timer.daemon = True
+        timer.start()
+
+    def _stop_jobs(self) -> None:
         with self._lock:
             jobs = list(self._jobs)
         for job in jobs:
             job.cancelled.set()
+
+    async def close(self, timeout: float = 30.0) -> None:
+        """Let accepted requests finish (up to ``timeout`` seconds), then stop what is left (answered 503)."""
+        self._closing = True
+        deadline = time.monotonic() + timeout
+        while self._accepted > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self._stop_jobs()
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
         self.metrics.ready.set(0)

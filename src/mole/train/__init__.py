@@ -40,6 +40,7 @@ def train_stage(
     experts: dict[str, str] | None = None,
     gate: str | None = None,
     condition: str | None = None,
+    resume_changed: bool = False,
 ):  # -> mole.train.loop.TrainResult
     """Train one stage. Arguments override the config's values; everything is validated before training.
 
@@ -55,6 +56,8 @@ def train_stage(
         experts: ``{name: path}`` for ``stage == "gates"``.
         gate: ``local``, ``global`` or ``both`` for ``stage == "gates"``.
         condition: ``none`` or ``timestep`` (timestep-aware gates) for ``stage == "gates"``.
+        resume_changed: Resume even if the data or the settings differ from those of the checkpoint's run
+            (refused otherwise); the new ones then apply and are what is recorded.
 
     Raises:
         ConfigError: Invalid settings. mole.train.stages.StageError: missing model, bad experts.
@@ -91,6 +94,8 @@ def train_stage(
     if cfg.output is None:
         raise ConfigError(f"{stage}: no output folder (give --output or set output in the config)")
     out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output {out} is an existing file, not a folder")
     sources = cfg.data if isinstance(cfg.data, dict) else {"data": cfg.data}
     if not sources:
         raise ConfigError(f"{stage}: data is an empty mapping; name at least one dataset")
@@ -129,7 +134,7 @@ def train_stage(
             metrics = TeeLogger(JsonlLogger(out), run)
         result = run_training(
             spec, cfg, local_data, out, resolution=config.model.resolution, resume=resume, params=params,
-            metrics=metrics,
+            metrics=metrics, resume_changed=resume_changed,
         )  # fmt: skip
         if run is not None and result.result is not None:
             _register(run, stage, expert_name, out, result.result, base_model, stage_experts, upstream["base"])

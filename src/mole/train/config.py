@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mole.pairs import split_pair
+from mole.security import InvalidNameError, check_name
 
 StageName = Literal["stage1", "expert", "gates"]
 
@@ -57,6 +58,9 @@ class OptimizerConfig(_Strict):
     """AdamW epsilon."""
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Gradient clipping by global norm; null disables it."""
+    foreach: bool = True
+    """Multi-tensor optimizer step: lion-pytorch's foreach Lion, torch's fused AdamW. The same update as the
+    per-parameter loop (same state, same checkpoints), in a few kernel launches instead of one per tensor."""
 
     @model_validator(mode="after")
     def _betas_in_range(self) -> OptimizerConfig:
@@ -96,7 +100,14 @@ class TrainConfig(_Strict):
     caption_dropout: float = Field(0.1, ge=0, le=1)
     """Probability of training on the empty caption, for classifier-free guidance."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    """Autocast precision on GPU; CPU runs ignore fp16."""
+    """Training precision. Under DDP / a single process: autocast over fp32 weights. Under DeepSpeed: the
+    engine's 16-bit weights with fp32 master weights in the optimizer. Inputs are cast to the weights' dtype,
+    losses are fp32, the frozen VAE runs in this dtype. bf16 runs on CPU too (DeepSpeed included); fp16 needs
+    CUDA (CPU runs fall back to fp32)."""
+    save_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    """dtype of the saved result (stage-1 model, expert LoRA, gates) whatever the training precision: fp32 by
+    default, what diffusers and peft load without surprises. Under DeepSpeed 16-bit training the saved weights
+    are the engine's 16-bit weights widened to this dtype (not its fp32 master copy)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     ema_decay: float | None = Field(None, gt=0, lt=1)
@@ -125,6 +136,17 @@ class TrainConfig(_Strict):
     """Seed of the data order, noise, timesteps and caption dropout."""
     num_workers: int = Field(0, ge=0)
     """DataLoader worker processes."""
+    pin_memory: bool = False
+    """Page-locked host batches for faster copies to the GPU (ignored without CUDA)."""
+    channels_last: bool = False
+    """UNet weights and inputs in channels-last memory layout: faster convolutions on tensor cores, same
+    math."""
+    compile: bool = False
+    """``torch.compile`` the UNet (in place, so state-dict keys and checkpoints do not change). Pays a
+    compilation of minutes at the first steps; worth it for long runs."""
+    allow_tf32: bool = False
+    """TF32 tensor cores for the fp32 matmuls and convolutions left (CUDA, Ampere and newer); bf16/fp16 math is
+    unaffected."""
 
     @model_validator(mode="after")
     def _weights_name_sources(self) -> TrainConfig:
@@ -174,7 +196,14 @@ class GatesConfig(TrainConfig):
     projection of the UNet's timestep embedding added to the gate logits, so the mixture can change over the
     denoising steps (Face-MoGLE's time-dependent gates). Saved with the gates; generation reads it from there."""
     experts: dict[str, str] = {}
-    """Expert name → LoRA path, in gate order (overridden by ``--experts``); any number of experts."""
+    """Expert name → LoRA path, in gate order (overridden by ``--experts``); any number of experts. Names follow
+    :data:`mole.security.NAME_PATTERN` (they become folder and registered-model names)."""
+
+    @field_validator("experts")
+    @classmethod
+    def _expert_names(cls, value: dict[str, str]) -> dict[str, str]:
+        return {check_name(k): v for k, v in value.items()}
+
     init_bias: float = 0.0
     """Initial gate bias; gates start at sigmoid(init_bias)."""
 
@@ -187,7 +216,13 @@ class MoleConfig(_Strict):
     stage1: Stage1Config = Stage1Config()
     """Stage 1: fine-tune on the human-centric dataset."""
     experts: dict[str, ExpertConfig] = {}
-    """Stage 2: one LoRA expert per entry (face, hand, ...)."""
+    """Stage 2: one LoRA expert per entry (face, hand, ...); names follow :data:`mole.security.NAME_PATTERN`."""
+
+    @field_validator("experts")
+    @classmethod
+    def _expert_names(cls, value: dict[str, ExpertConfig]) -> dict[str, ExpertConfig]:
+        return {check_name(k): v for k, v in value.items()}
+
     gates: GatesConfig = GatesConfig()
     """Stage 3: the soft mixture."""
 
@@ -264,33 +299,48 @@ def parse_data(values: list[str] | str | None) -> str | dict[str, str] | None:
     return named or plain[0]
 
 
+def read_yaml_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (an empty file is ``{}``); the one reader of config files. A
+    ``configs/...`` name with no such file here is the preset the package ships (:mod:`mole.presets`).
+
+    Raises:
+        ConfigError: Missing file, not UTF-8 text (a binary file), invalid YAML, or not a mapping.
+    """
+    p = Path(path)
+    if not p.is_file():
+        from mole.presets import packaged
+
+        try:  # `configs/paper.yaml` from any folder: the preset the package ships
+            p = packaged(str(path))
+        except FileNotFoundError as err:
+            raise ConfigError(f"config file not found: {path} ({err})") from None
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {p} is not UTF-8 text (a binary file?)") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {p} is not valid YAML: {err}") from err
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config {p} must be a mapping at the top level")
+    return loaded or {}
+
+
+def apply_overrides(tree: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """Set each dotted key of ``overrides`` (``filters.blur.threshold``) in ``tree``, creating sections."""
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(tree, dotted, value)
+    return tree
+
+
 def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> MoleConfig:
     """Read a YAML recipe, apply dotted overrides (``stage1.max_steps: 10``), validate.
 
     Raises:
         ConfigError: Missing file, bad YAML, unknown keys or invalid values, each naming the field.
     """
-    tree: dict[str, Any] = {}
-    source = "<defaults>"
-    if path is not None:
-        source = str(path)
-        p = Path(path)
-        if not p.is_file():
-            from mole.presets import packaged
-
-            try:  # `configs/paper.yaml` from any folder: the preset the package ships
-                p = packaged(str(path))
-            except FileNotFoundError as err:
-                raise ConfigError(f"config file not found: {path} ({err})") from None
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config {p} is not valid YAML: {err}") from err
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config {p} must be a mapping at the top level")
-        tree = loaded or {}
-    for dotted, value in (overrides or {}).items():
-        _set_dotted(tree, dotted, value)
+    tree = read_yaml_mapping(path) if path is not None else {}
+    source = str(path) if path is not None else "<defaults>"
+    apply_overrides(tree, overrides)
     try:
         return MoleConfig.model_validate(tree)
     except ValidationError as err:
@@ -305,6 +355,10 @@ def stage_config(config: MoleConfig, stage: StageName, expert: str | None = None
         return config.gates
     if expert is None:
         raise ConfigError("the expert stage needs an expert name (--name)")
+    try:
+        check_name(expert, "--name")
+    except InvalidNameError as err:
+        raise ConfigError(str(err)) from None
     if expert not in config.experts:
         raise ConfigError(
             f"no experts.{expert} section in the config (it has {sorted(config.experts) or 'none'}); "

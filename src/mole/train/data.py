@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from mole.data.shards import DatasetError, read_index
+from mole.data.shards import DatasetError, read_index, verify_shard
 
 logger = logging.getLogger(__name__)
 
@@ -43,16 +43,17 @@ def index_samples(path: str | os.PathLike[str]) -> tuple[list[SampleRef], Counte
     """Read every shard's tar headers once and return a random-access index.
 
     Samples without an image or caption are skipped and counted by reason (never a crash, never silent).
+    Every shard is verified against ``dataset.json`` first (sha256 and sample count).
 
     Raises:
-        DatasetError: Not a dataset, or no usable sample at all.
+        DatasetError: Not a dataset, a shard that fails verification (named), or no usable sample at all.
     """
     root = Path(path)
     index = read_index(root)
     refs: list[SampleRef] = []
     rejected: Counter[str] = Counter()
     for shard in index.shards:
-        shard_path = root / shard.path
+        shard_path = verify_shard(root, shard)
         parts: dict[str, dict[str, tarfile.TarInfo]] = {}
         with tarfile.open(shard_path, "r:") as tar:
             for member in tar:

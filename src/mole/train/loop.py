@@ -8,6 +8,8 @@ CPU the process group is gloo).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -18,6 +20,7 @@ from typing import Any
 
 import torch
 
+from mole.data.shards import read_index
 from mole.train import checkpoint as ckpt
 from mole.train.config import OptimizerConfig, TrainConfig
 from mole.train.data import ImageCaptionDataset, MixtureSampler, ResumableSampler, collate
@@ -43,22 +46,67 @@ class TrainResult:
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """Lion or AdamW; with ``cfg.foreach`` their multi-tensor forms (same update, same state layout)."""
     if cfg.name == "lion":
-        from lion_pytorch import Lion
+        if cfg.foreach:
+            from lion_pytorch.foreach import Lion
+        else:
+            from lion_pytorch import Lion
 
         return Lion(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    # fused: one kernel for the whole update (CUDA and CPU); else torch picks its default (foreach on CUDA).
+    return torch.optim.AdamW(
+        params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, fused=cfg.foreach or None
+    )
+
+
+def apply_speed_settings(stage: Stage, cfg: TrainConfig, deepspeed: bool = False) -> None:
+    """The config's speed switches that act on the modules: channels-last, torch.compile, TF32.
+
+    None changes the math beyond floating-point reassociation (a test checks the loss with and without
+    channels-last). Called before ``accelerator.prepare``. Under DeepSpeed only the UNet's inputs go
+    channels-last (convolutions then run and return channels-last): the engine views every parameter as
+    flat bytes, which a channels-last weight (last stride not 1) refuses.
+    """
+    unet = stage.model.unet
+    if cfg.channels_last:
+        if not deepspeed:
+            unet.to(memory_format=torch.channels_last)
+        stage.model.channels_last = True
+    if cfg.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if cfg.compile:
+        unet.compile()  # in place: the module (and its state-dict keys) stay the same
+
+
+def resolve_precision(requested: str, cuda: bool, deepspeed: bool) -> str:
+    """The mixed precision a run really uses: the requested one, except fp16 without CUDA.
+
+    bf16 runs on CPU too: under DeepSpeed the CPU accelerator holds bf16 weights exactly as a GPU engine does
+    (so the dtype path the GPU takes is the one the CPU tests take), and without DeepSpeed accelerate runs CPU
+    autocast in bf16. fp16 has neither a CPU autocast worth using nor DeepSpeed CPU support: fp32 then.
+    """
+    if requested == "fp16" and not cuda:
+        logger.info("no CUDA: training in float32 instead of fp16 (bf16 runs on CPU%s)",
+                    ", DeepSpeed included" if deepspeed else "")  # fmt: skip
+        return "no"
+    return requested
+
+
+def _deepspeed_launched() -> bool:
+    from accelerate.utils import parse_flag_from_env
+
+    return parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
 
 
 def make_accelerator(cfg: TrainConfig):
-    """An Accelerator for this machine: gloo on CPU, mixed precision only where it exists."""
+    """An Accelerator for this machine: gloo on CPU, the configured mixed precision (see resolve_precision)."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
     cuda = torch.cuda.is_available()
-    precision = cfg.mixed_precision if cuda else "no"
-    if precision != cfg.mixed_precision:
-        logger.info("no CUDA: training in float32 instead of %s", cfg.mixed_precision)
+    precision = resolve_precision(cfg.mixed_precision, cuda, _deepspeed_launched())
     # Under a launcher (accelerate launch, torchrun: WORLD_SIZE is set) a CPU process group must be gloo;
     # a plain single process has no process group at all.
     launched = "WORLD_SIZE" in os.environ
@@ -75,6 +123,14 @@ def make_accelerator(cfg: TrainConfig):
         ds["train_batch_size"] = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
         ds["gradient_clipping"] = cfg.optimizer.max_grad_norm or 0.0
     return accelerator
+
+
+#: Config names of the training / saving precisions → torch dtypes.
+DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _deepspeed(accelerator) -> bool:
+    return accelerator.state.deepspeed_plugin is not None
 
 
 def _zero_stage(accelerator) -> int:
@@ -106,8 +162,8 @@ class FeatureCache:
                 if text:
                     ids = dataset.tokenize(dataset.refs[i].caption)[None].to(device)
                     states.append(stage.model.text_encoder(ids)[0][0])
-            if latents:
-                self.latent_mean, self.latent_std = torch.stack(means), torch.stack(stds)
+            if latents:  # kept in fp32 whatever the VAE ran in: the sampling below draws fp32 noise
+                self.latent_mean, self.latent_std = torch.stack(means).float(), torch.stack(stds).float()
             if text:
                 self.text = torch.stack(states)
                 self.empty_text = stage.model.text_encoder(dataset.tokenize("")[None].to(device))[0][0]
@@ -180,8 +236,13 @@ def _validate(stage: Stage, accelerator, model, cfg: TrainConfig, output: Path, 
     )
     pipe.set_progress_bar_config(disable=True)
     inner.eval()
+    # The VAE runs in the training precision, the UNet in fp32 (autocast) or 16 bits (DeepSpeed): autocast
+    # makes the mix meet, as the training forward does.
+    precision = accelerator.mixed_precision
+    amp = torch.autocast(accelerator.device.type, dtype=DTYPES[precision], enabled=precision != "no")
     try:
-        images = generate(pipe, cfg.validation_prompts, seed=cfg.seed, steps=cfg.validation_steps).images
+        with amp:
+            images = generate(pipe, cfg.validation_prompts, seed=cfg.seed, steps=cfg.validation_steps).images
     finally:
         inner.train()
     folder = output / "validation"
@@ -203,6 +264,29 @@ def _sampler(dataset: ImageCaptionDataset, cfg: TrainConfig, start: int, rank: i
     return ResumableSampler(len(dataset), cfg.seed, start, rank, world)
 
 
+def _apply_new_hyperparameters(optimizer: Any, lr_scheduler: Any, fresh: list[dict[str, Any]]) -> None:
+    """After ``load_state`` restored the old optimizer and schedule: put this run's hyperparameters back (the
+    optimizer's param groups and the schedule's base learning rates come from the checkpoint otherwise, so a run
+    resumed with a new lr trained with the old one while recording the new one)."""
+    inner = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps the scheduler
+    groups = optimizer.param_groups
+    for group, new in zip(groups, fresh, strict=True):
+        group.update({k: v for k, v in new.items() if k not in ("lr", "initial_lr")})
+    inner.base_lrs = [new.get("initial_lr", new["lr"]) for new in fresh]
+    for group, base, factor in zip(groups, inner.base_lrs, inner.lr_lambdas, strict=True):
+        group["initial_lr"] = base
+        group["lr"] = base * factor(inner.last_epoch)
+    inner._last_lr = [group["lr"] for group in groups]
+
+
+def _data_digest(data: str | dict[str, str]) -> str:
+    """The dataset's digest, or for a mixture one digest over every named source's (what a resume must match)."""
+    if isinstance(data, str):
+        return read_index(data).digest
+    digests = {name: read_index(path).digest for name, path in sorted(data.items())}
+    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
+
+
 def run_training(
     stage: Stage,
     cfg: TrainConfig,
@@ -213,6 +297,7 @@ def run_training(
     resume: str | None = None,
     metrics: MetricsLogger | None = None,
     params: dict[str, Any] | None = None,
+    resume_changed: bool = False,
 ) -> TrainResult:
     """Train ``stage`` for ``cfg.max_steps`` optimizer steps and save its result under ``output``.
 
@@ -221,6 +306,8 @@ def run_training(
         resume: ``latest`` (newest complete checkpoint under ``output``, or a fresh start if none) or a path.
         metrics: Where metrics go; default ``output/metrics.jsonl`` on the main process.
         params: The resolved configuration, logged once.
+        resume_changed: Resume even when the data or the settings differ from the checkpoint's run (otherwise
+            refused); the new settings (learning rate included) then apply from the resumed step on.
     """
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
@@ -228,6 +315,14 @@ def run_training(
     accelerator = make_accelerator(cfg)
     output.mkdir(parents=True, exist_ok=True)
     main = accelerator.is_main_process
+    # A resumption must continue the same work (same data, same settings) or say it does not: checked before
+    # anything is recorded, so params.json and MLflow always hold what runs.
+    guard = ckpt.resume_guard(_data_digest(data), params if params is not None else cfg.model_dump())
+    resume_from = ckpt.resolve_resume(output, resume)
+    changed = ckpt.check_resume(resume_from, guard, allow_changed=resume_changed) if resume_from is not None else []
+    if changed:
+        logger.warning("resuming %s with changes: %s", resume_from, "; ".join(changed))
+        params = {**(params or {}), "resume_changed": changed}
     log = metrics or (JsonlLogger(output) if main else NullLogger())
     if params is not None:
         log.log_params(params)
@@ -243,6 +338,7 @@ def run_training(
         caption_dropout=cfg.caption_dropout, seed=cfg.seed,
     )  # fmt: skip
     set_seed(cfg.seed + accelerator.process_index)  # noise and timesteps differ between processes
+    apply_speed_settings(stage, cfg, deepspeed=_deepspeed(accelerator))
     trainable = [p for p in stage.model.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, cfg.optimizer)
     n_proc = accelerator.num_processes
@@ -257,17 +353,20 @@ def run_training(
         from diffusers.training_utils import EMAModel
 
         ema = EMAModel(trainable, decay=cfg.ema_decay)
-    stage.vae.to(accelerator.device)
+    # The frozen VAE only encodes: it runs in the training precision, as diffusers' training scripts do.
+    stage.vae.to(accelerator.device, dtype=DTYPES.get(accelerator.mixed_precision, torch.float32))
     cache = None
     if cfg.cache_latents or cfg.cache_text:
         stage.model.text_encoder.to(accelerator.device)
         cache = FeatureCache(stage, dataset, cfg.cache_latents, cfg.cache_text, accelerator.device)
     model, optimizer, lr_scheduler = accelerator.prepare(stage.model, optimizer, lr_scheduler)
+    compute_dtype = stage.model.compute_dtype
+    how = f"DeepSpeed ZeRO-{_zero_stage(accelerator)}" if _deepspeed(accelerator) else "no DeepSpeed"
+    logger.info("%s: mixed precision %s, weights in %s, %s, %d process(es)", stage.name,
+                accelerator.mixed_precision, compute_dtype, how, accelerator.num_processes)  # fmt: skip
     if ema is not None:
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+        ema.to(accelerator.device)  # saved by ckpt.save_ema, not register_for_checkpointing (a pickle)
 
-    resume_from = ckpt.resolve_resume(output, resume)
     start_step = int(ckpt.read_state(resume_from)["step"]) if resume_from is not None else 0
     per_step = cfg.batch_size * cfg.grad_accum * n_proc
     sampler = _sampler(dataset, cfg, start_step * per_step, accelerator.process_index, n_proc)
@@ -279,11 +378,19 @@ def run_training(
         sampler=sampler,
         collate_fn=collate,
         num_workers=cfg.num_workers,
+        pin_memory=cfg.pin_memory and torch.cuda.is_available(),
         generator=torch.Generator().manual_seed(cfg.seed),
     )
     batches = iter(loader)
     if resume_from is not None:
+        ckpt.refuse_pickles(resume_from)
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         accelerator.load_state(str(resume_from))
+        if changed:
+            _apply_new_hyperparameters(optimizer, lr_scheduler, fresh)
+        if ema is not None:
+            ckpt.load_ema(ema, resume_from)
+            ema.to(accelerator.device)
         logger.info("resumed from %s at step %d", resume_from, start_step)
     if start_step >= cfg.max_steps:
         logger.info("already at step %d of %d: nothing to train", start_step, cfg.max_steps)
@@ -340,7 +447,10 @@ def run_training(
             accelerator.save_state(str(ckpt.temp_path(output, step)))
             accelerator.wait_for_everyone()
             if main:
-                ckpt.finalize(output, step, {"stage": stage.name, "loss": loss_value}, cfg.keep_checkpoints)
+                if ema is not None:
+                    ckpt.save_ema(ema, ckpt.temp_path(output, step))
+                state = {"stage": stage.name, "loss": loss_value, ckpt.GUARD_KEY: guard}
+                ckpt.finalize(output, step, state, cfg.keep_checkpoints)
             accelerator.wait_for_everyone()
         if cfg.validation_every and step % cfg.validation_every == 0:
             _validate(stage, accelerator, model, cfg, output, step, log)
@@ -352,8 +462,10 @@ def run_training(
     if ema is not None:
         ema.copy_to(trainable)  # the result is the averaged model
     state = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; every process must call it
+    save_dtype = DTYPES[cfg.save_dtype]
     result_path = None
-    if main:
+    if main:  # (under ZeRO-3 only the main process holds the gathered state)
+        state = {k: v.to(save_dtype) if v.is_floating_point() else v for k, v in state.items()}
         result_path = stage.save(state, output)
         if cfg.validation_prompts and not cfg.validation_every:
             _validate(stage, accelerator, model, cfg, output, step, log)
@@ -369,6 +481,9 @@ def run_training(
                 "seconds_per_step": seconds_per_step,
                 "processes": n_proc,
                 "zero_stage": _zero_stage(accelerator),
+                "mixed_precision": accelerator.mixed_precision,
+                "compute_dtype": str(compute_dtype).removeprefix("torch."),
+                "save_dtype": cfg.save_dtype,
                 "rejected_samples": dict(dataset.rejected),
                 **stage.info,
             },

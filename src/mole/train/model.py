@@ -69,6 +69,19 @@ class DiffusionModel(nn.Module):
         self.train_text_encoder = train_text_encoder
         self.noise_offset = noise_offset
         self.num_train_timesteps = int(noise_scheduler.config.num_train_timesteps)
+        #: Give the UNet channels-last inputs (set with its weights by the loop's speed settings).
+        self.channels_last = False
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the UNet's weights: what its inputs must be (bf16/fp16 under DeepSpeed, else fp32).
+
+        Read from the first floating-point parameter; under ZeRO-3 a partitioned parameter keeps its dtype.
+        """
+        for param in self.unet.parameters():
+            if param.is_floating_point():
+                return param.dtype
+        return torch.float32
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Last hidden state of the text encoder (clip skip 1, as the paper): ``[B, 77, D]``."""
@@ -88,7 +101,12 @@ class DiffusionModel(nn.Module):
             ``(pred, target, timesteps)``: the UNet output, what it should have been (noise or velocity),
             and the timesteps ``[B]``.
         """
-        latents = batch["latents"]
+        # Noise, noising and the target in fp32 whatever the weights hold; only the UNet's inputs take the
+        # weights' dtype. Under DeepSpeed bf16/fp16 the engine holds 16-bit weights and runs no autocast, so an
+        # fp32 input would meet a bf16 Linear (`mat1 and mat2 must have the same dtype`); under DDP/autocast
+        # the weights are fp32 and this is a no-op.
+        dtype = self.compute_dtype
+        latents = batch["latents"].float()
         noise = torch.randn_like(latents)
         if self.noise_offset:
             noise = noise + self.noise_offset * torch.randn(
@@ -100,7 +118,10 @@ class DiffusionModel(nn.Module):
             states = batch["encoder_hidden_states"]
         else:
             states = self.encode_text(batch["input_ids"])
-        pred = self.unet(noisy, timesteps, states.to(noisy.dtype)).sample
+        noisy = noisy.to(dtype)
+        if self.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+        pred = self.unet(noisy, timesteps, states.to(dtype)).sample
         if self.prediction_type == "epsilon":
             target = noise
         elif self.prediction_type == "v_prediction":

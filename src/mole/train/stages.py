@@ -86,6 +86,10 @@ def _load_components(base: Path, model_cfg: ModelConfig):
     return unet, text_encoder, vae, tokenizer, scheduler, prediction_type
 
 
+def _state_dtype(state: Mapping[str, torch.Tensor]) -> torch.dtype:
+    return next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
+
+
 def _strip(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
@@ -104,10 +108,18 @@ def build_stage1(cfg: Stage1Config, model_cfg: ModelConfig, base: str | os.PathL
     def save(state: dict[str, torch.Tensor], output: Path) -> Path:
         from diffusers import StableDiffusionPipeline
 
+        # The modules may hold the engine's 16-bit weights (DeepSpeed converts in place): give them the
+        # state's dtype (the configured save_dtype) first, else load_state_dict would copy back into bf16.
+        # A frozen text encoder is taken from the base as it was (not from the engine's 16-bit copy).
+        dtype = _state_dtype(state)
+        unet.to(dtype=dtype)
         unet.load_state_dict(_strip(state, "unet."))
+        parts: dict[str, nn.Module] = {"unet": unet}
         if cfg.train_text_encoder:
+            text_encoder.to(dtype=dtype)
             text_encoder.load_state_dict(_strip(state, "text_encoder."), strict=False)
-        pipe = StableDiffusionPipeline.from_pretrained(base_path, unet=unet, text_encoder=text_encoder)
+            parts["text_encoder"] = text_encoder
+        pipe = StableDiffusionPipeline.from_pretrained(base_path, dtype=dtype, **parts)
         pipe.scheduler.register_to_config(prediction_type=prediction)
         target = output / "model"
         pipe.save_pretrained(target, safe_serialization=True)
