@@ -108,7 +108,7 @@ SECTIONS = {"stage1": "stage1", "expert": "experts.face", "gates": "gates"}
 def run_mole(args: argparse.Namespace) -> dict[str, Any]:
     """One stage through :func:`mole.train.train_stage` with configs/paper.yaml's settings (its speed switches
     included), at this run's resolution, steps and micro-batch; ``--set`` overrides anything."""
-    from bench.train_throughput import window_throughput
+    from bench.common import window_throughput
     from mole.train import load_config, train_stage
     from mole.train.config import parse_overrides
 
