@@ -341,3 +341,20 @@ def test_expert_from_another_architecture_is_refused(stage1_model, experts, data
         "--experts", f"face={experts['face']}", "--experts", f"hand={experts['hand']}",
     )  # fmt: skip
     assert r.exit_code == 2 and "does not fit" in r.output
+
+
+def test_stage_guards_are_errors_that_hold_under_python_O(stage1_model, experts, monkeypatch) -> None:
+    """The gates stage trains only gates, and each stage gets its own section: raised, never asserted."""
+    from mole.train import stages
+
+    cfg = load_config(TINY)
+    with pytest.raises(stages.StageError, match="needs its own config section"):
+        stages.build_stage("gates", cfg.stage1, cfg.model, stage1_model)
+    with pytest.raises(stages.StageError, match="needs an expert name"):
+        stages.build_stage("expert", cfg.experts["face"], cfg.model, stage1_model)
+    monkeypatch.setattr(stages, "_trainable", lambda model: ["unet.conv_in.weight"])
+    with pytest.raises(stages.StageError, match="would train non-gate parameters"):
+        paths = {k: str(p) for k, p in experts.items()}
+        stages.build_stage("gates", cfg.gates, cfg.model, stage1_model, experts=paths)
+    code = "import sys, mole.train.stages as s; sys.exit(0 if 'assert ' not in open(s.__file__).read() else 1)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -214,7 +214,8 @@ def build_gates(
     model = DiffusionModel(unet, text_encoder, scheduler, prediction, False, cfg.noise_offset)
     trainable = _trainable(model)
     not_gates = [n for n in trainable if not any(p.startswith(MOLE_PREFIX) for p in n.split("."))]
-    assert not not_gates, f"gates stage would train non-gate parameters: {not_gates[:3]}"
+    if not_gates:  # a guard, not an assert: it must hold under `python -O` too
+        raise StageError(f"the gates stage would train non-gate parameters: {not_gates[:3]}")
     mole_config = dict(unet.mole_config)
 
     def save(state: dict[str, torch.Tensor], output: Path) -> Path:
@@ -242,16 +243,19 @@ def build_stage(
     experts: Mapping[str, str] | None = None,
 ) -> Stage:
     """Dispatch to the stage builders (the CLI's single entry)."""
-    if stage == "stage1":
-        assert isinstance(cfg, Stage1Config)
+    wanted = {"stage1": Stage1Config, "expert": ExpertConfig, "gates": GatesConfig}.get(stage)
+    if wanted is None:
+        raise StageError(f"unknown stage {stage!r}")
+    if not isinstance(cfg, wanted):
+        raise StageError(f"the {stage} stage needs its own config section ({wanted.__name__}), "
+                         f"got {type(cfg).__name__}")  # fmt: skip
+    if isinstance(cfg, Stage1Config):
         return build_stage1(cfg, model_cfg, base)
-    if stage == "expert":
-        assert isinstance(cfg, ExpertConfig) and expert_name
+    if isinstance(cfg, ExpertConfig):
+        if not expert_name:
+            raise StageError("the expert stage needs an expert name (--name)")
         return build_expert(cfg, model_cfg, base, expert_name)
-    if stage == "gates":
-        assert isinstance(cfg, GatesConfig)
-        return build_gates(cfg, model_cfg, base, experts or cfg.experts)
-    raise StageError(f"unknown stage {stage!r}")
+    return build_gates(cfg, model_cfg, base, experts or cfg.experts)
 
 
 def write_result(output: Path, payload: dict[str, Any]) -> Path:
