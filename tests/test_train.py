@@ -219,8 +219,10 @@ def _stage_setup(stage: str, tiny_model_dir, stage1_model, experts):
 def test_each_stage_learns_and_keeps_frozen_weights_bit_identical(
     stage, tiny_model_dir, stage1_model, experts, datasets, tmp_path
 ) -> None:
+    from tests.train_helpers import fixed_batch_loss
+
     from mole.train.data import ImageCaptionDataset, collate
-    from mole.train.loop import fixed_batch_loss, run_training
+    from mole.train.loop import run_training
 
     _, section, spec = _stage_setup(stage, tiny_model_dir, stage1_model, experts)
     data = datasets["faces" if stage == "expert" else "scenes"]

@@ -423,7 +423,7 @@ def curate(
     if not inputs:
         raise ValueError(f"no images in {root} (looked for {', '.join(sorted({'.jpg', '.png', '.webp'}))}...)")
     attr_table, source_table = read_table(attributes), read_table(sources)
-    from mole.data.filters import build_filters
+    from mole.data.filtering import build_filters
 
     build_filters(cfg.filters if cfg.filters is not None else DEFAULT_FILTERS[kind])  # bad options fail here, once
     state = work_state(kind, root, inputs, cfg.model_dump(), {"attributes": attributes, "sources": sources})
