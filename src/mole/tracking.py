@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mole.security import check_name, holds_env_secret, is_secret_key
-from mole.security import redact as redact_text
+from mole.security import check_name, holds_env_secret, is_secret_key, redact
 from mole.serve.pyfunc import mole_pyfunc, pyfunc_environment
 from mole.storage import StorageError
 from mole.uris import ModelURI, model_version, parse_model_uri
@@ -70,7 +69,7 @@ def _client():
     return _mlflow().MlflowClient()
 
 
-def redact(params: Mapping[str, Any]) -> dict[str, Any]:
+def redact_params(params: Mapping[str, Any]) -> dict[str, Any]:
     """Flatten nested params to dotted keys; blank any whose key looks like a credential and any value that holds
     a credential found in the environment; mask credentials inside URIs (:func:`mole.security.redact`), so
     ``--output s3://user:pass@bucket/x`` is stored as ``s3://***@bucket/x``. Secrets never reach MLflow."""
@@ -83,7 +82,7 @@ def redact(params: Mapping[str, Any]) -> dict[str, Any]:
             return
         text = json.dumps(value, default=str) if isinstance(value, list | tuple) else str(value)
         # A value holding an environment secret is blanked whole; URI credentials are masked in place.
-        text = "***" if is_secret_key(prefix) or holds_env_secret(text) else redact_text(text)
+        text = "***" if is_secret_key(prefix) or holds_env_secret(text) else redact(text)
         flat[prefix] = text[:6000]
 
     walk("", dict(params))
@@ -115,11 +114,11 @@ class StageRun:
         self.run_id = self.run.info.run_id
         self.stage = stage
         self._mlflow = mlflow
-        logger.info("MLflow run %s (%s) at %s", self.run_id, stage, redact_text(mlflow.get_tracking_uri()))
+        logger.info("MLflow run %s (%s) at %s", self.run_id, stage, redact(mlflow.get_tracking_uri()))
 
     # --- the MetricsLogger interface -------------------------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
-        flat = redact(params)
+        flat = redact_params(params)
         items = list(flat.items())
         for i in range(0, len(items), 100):  # MLflow's batch limit
             self._mlflow.log_params(dict(items[i : i + 100]))
@@ -143,7 +142,7 @@ class StageRun:
             cause = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
             raise ArtifactStoreError(
                 f"could not store {what} of run {self.run_id} ({self.stage}) through the tracking server at "
-                f"{redact_text(self._mlflow.get_tracking_uri())}: its artifact store (S3) may be down or refusing "
+                f"{redact(self._mlflow.get_tracking_uri())}: its artifact store (S3) may be down or refusing "
                 f"uploads; nothing was registered. Cause: {cause}"
             ) from err
 
@@ -361,7 +360,7 @@ def start_pipeline_run(job_id: str, job_name: str, params: Mapping[str, Any]) ->
         return found[0].info.run_id
     run = client.create_run(experiment.experiment_id, run_name=job_name or f"pipeline-{job_id}",
                             tags={PIPELINE_TAG: job_id, "mole.stage": "pipeline"})  # fmt: skip
-    flat = list(redact(params).items())
+    flat = list(redact_params(params).items())
     for i in range(0, len(flat), 100):
         from mlflow.entities import Param
 
@@ -383,7 +382,7 @@ def finish_pipeline_run(job_id: str, state: str, error: str | None = None) -> st
     run_id = found[0].info.run_id
     client.set_tag(run_id, "mole.pipeline_state", state)
     if error:
-        client.set_tag(run_id, "mole.pipeline_error", redact_text(error)[:5000])
+        client.set_tag(run_id, "mole.pipeline_error", redact(error)[:5000])
     client.set_terminated(run_id, "FINISHED" if state == "SUCCEEDED" else "FAILED")
     return run_id
 
