@@ -73,6 +73,8 @@ def load_pipeline(
         else:
             apply_mole(pipe.unet, experts, gate="none", expert_weights=expert_scales)
     pipe.set_progress_bar_config(disable=True)
+    # Nothing trains here: frozen gates let every MoLE layer keep its stacked weight between calls.
+    pipe.unet.requires_grad_(False)
     return pipe.to(device)
 
 
