@@ -125,6 +125,26 @@ def _layer(sec: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def _layer_ops(sec: Mapping[str, Any]) -> list[str]:
+    rows = [
+        [name, str(case["ops"]), ", ".join(f"{op.removeprefix('aten::')} ×{k}" for op, k in case["by_name"].items())]
+        for name, case in sec.get("cases", {}).items()
+    ]
+    label = f"compute ops of one MoLE layer beyond its base (to_q, local + global, frozen) ≤ {sec.get('max_ops')}"
+    figure = f"{sec.get('ops')} (before issue 16: {sec.get('before_issue_16')})"
+    return [
+        "## One MoLE layer's ops (`layer_ops`)",
+        "",
+        f"{sec.get('method', '')}; the embedded default's UNet, two rank-8 experts. On a GPU every op is a kernel "
+        "launch, so this is what a launch-bound UNet pays per layer.",
+        "",
+        *_table(["case", "ops", "which"], rows),
+        *_table(["target", "figure", "verdict"], [[label, figure, _verdict(sec.get("met"))]]),
+        _stamp(sec),
+        "",
+    ]
+
+
 def _training(sec: Mapping[str, Any]) -> list[str]:
     tiny = sec.get("tiny_cpu", {})
     rows = [
@@ -224,6 +244,7 @@ def _run(sec: Mapping[str, Any]) -> list[str]:
 SECTIONS = {
     "mole_cost": _mole_cost,
     "layer": _layer,
+    "layer_ops": _layer_ops,
     "training": _training,
     "curation": _curation,
     "demo": _demo,

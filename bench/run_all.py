@@ -38,6 +38,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
         ["--sizes", "tiny", "mid", "sd15", "--quick"],
     ),
     "layer": ("bench.layer_fused_vs_naive", [], ["--repeats", "10"]),
+    "layer_ops": ("bench.layer_ops", [], []),
     "training": ("bench.train_throughput", [], ["--quick"]),
     "curation": ("bench.curate_throughput", [], ["--quick"]),
     "demo": ("bench.demo_wall", [], []),
