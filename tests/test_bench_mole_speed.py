@@ -69,3 +69,38 @@ def test_mole_cost_times_every_batch_into_the_given_results_file(tmp_path) -> No
     assert set(tiny["by_batch"]) == {"1", "3"} and tiny["batch"] == 1
     assert tiny["by_batch"]["3"]["batch"] == 3 and tiny["by_batch"]["3"]["mole_over_peft"] > 0
     assert tiny["by_batch"]["3"]["max_rel_diff"]["mole_vs_naive"] < 1e-4
+
+
+def _gpu_row(time_ratio: float, mole_ms: float, peft_ms: float, dtype: str = "bfloat16") -> dict:
+    return {"time_ratio": time_ratio, "flop_ratio": 1.389, "dtype": dtype,
+            "time_ms": {"base": 10.0, "mole": mole_ms, "peft": peft_ms}}  # fmt: skip
+
+
+def test_report_lists_issue_16_targets_as_not_measured_without_a_gpu_and_judges_them_with_one() -> None:
+    from bench.report import issue16_targets, render
+
+    skipped = {
+        "mole_cost": {"sd15": {"skipped": "no CUDA device", "flop_ratio": 1.389}},
+        "generate_speed": {"sd15": {"skipped": "no CUDA device", "batches": [1, 8], "steps": 25, "compile": True}},
+    }
+    rows = issue16_targets(skipped)
+    assert len(rows) == 1 + 3 + 1 + 2 and all(r[1:] == ["not measured", "— (no CUDA device)"] for r in rows)
+    assert "## MoLE at the speed of its FLOPs on a GPU (issue 16)" in render({"schema": "mole-bench/1", **skipped})
+
+    measured = {
+        "mole_cost": {"sd15": {"by_batch": {"2": _gpu_row(2.0, 20.0, 21.0), "8": _gpu_row(1.6, 16.0, 15.0),
+                                            "16": _gpu_row(1.5, 15.0, 15.4)}}},
+        "generate_speed": {"sd15": {"modes": {
+            "eager": {"1": {"mole_over_base_images_per_second": 0.69, "unet_mole_over_base": 2.0},
+                      "8": {"mole_over_base_images_per_second": 0.8, "unet_mole_over_base": 1.4}},
+            "compiled": {"1": {"mole_over_base_images_per_second": 0.75, "unet_mole_over_base": 1.5},
+                         "8": {"mole_over_base_images_per_second": 0.9, "unet_mole_over_base": 1.3},
+                         "compile_failed": None}}}},
+    }  # fmt: skip
+    verdicts = {r[0]: r[2] for r in issue16_targets(measured)}
+    assert verdicts["SD1.5, UNet batch 16, bf16: MoLE/base ≤ 1.1 × FLOP bound"] == "**met**"  # 1.5 <= 1.528
+    assert verdicts["SD1.5, UNet batch 2: MoLE (gated) time ≤ peft's two-adapter mix"] == "**met**"
+    assert verdicts["SD1.5, UNet batch 8: MoLE (gated) time ≤ peft's two-adapter mix"] == "**missed**"
+    assert verdicts["SD1.5, compiled UNet at batch 2: MoLE/base ≤ 1.6"] == "**met**"
+    assert verdicts["SD1.5, 25-step 512² generation, batch 1, eager: MoLE ≥ 0.7 × base images/s"] == "**missed**"
+    assert verdicts["SD1.5, 25-step 512² generation, batch 8, compiled: MoLE ≥ 0.7 × base images/s"] == "**met**"
