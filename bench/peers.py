@@ -257,6 +257,7 @@ def build_variants(size: UNetSize, base: nn.Module, check: bool = True) -> tuple
     experts = random_experts(base, layers, size.rank)
     mole = apply_mole(copy.deepcopy(base), experts, gate="both")
     _randomize_gates(mole)
+    mole.requires_grad_(False)  # as `mole generate` loads it: frozen gates keep their stacked weights cached
     mole_fixed = apply_mole(
         copy.deepcopy(base), experts, gate="none", expert_weights=dict(zip(experts, FIXED_WEIGHTS, strict=True))
     )
