@@ -19,8 +19,8 @@ product is linear, Pool(X)·ω + b = Pool(X·ω + b). So the gates cost next to 
 3. F(X) += H'·B'ᵀ with B' = ``[B₁·scale₁ … B_N·scale_N]`` (the LoRA scales folded in once), accumulated by the
    GEMM into the base layer's output (in place when no gradient is recorded).
 
-On CPU that is 8 ops beyond the base layer for local + global gates (16 before) (``bench/layer_ops.py`` counts them; a test
-keeps it so). S and b are buffers built once; their gate rows are copies of φ and ω, refreshed when those
+On CPU that is 8 ops beyond the base layer for local + global gates, 16 before (``bench/layer_ops.py`` counts
+them; a test keeps it so). S and b are buffers built once; their gate rows are copies of φ and ω, refreshed when those
 change: always before a forward while the gates are trainable (an optimizer may write them any way it likes,
 ``.data`` included), and, once frozen (``requires_grad=False``, as generation and serving load them), only when
 a gate tensor's version or storage changed (``copy_``, ``load_state_dict``, :func:`mole.inject.load_gates`,
