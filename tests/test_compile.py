@@ -104,3 +104,17 @@ def test_compiled_unet_on_cuda_gives_the_eager_images(tiny_model_dir: Path, mole
     images, _ = _images(compiled)
     assert compiled.unet.forward.failed is None and compiled.unet.forward.compiled_calls == 2
     assert np.abs(images.astype(int) - expected.astype(int)).max() <= 8  # fp16 kernels differ in rounding
+
+
+def test_serve_and_evaluate_take_compile(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mole.serve import make_loader
+
+    for command in (["serve", "--help"], ["evaluate", "run", "--help"], ["generate", "--help"]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 0 and "--compile" in result.output, command
+    seen = []
+    monkeypatch.setattr("mole.compile.compile_unet", lambda unet, **kw: seen.append(unet))
+    pipe = make_loader(str(tiny_model_dir), compile_unet=True, device="cpu")()
+    assert seen == [pipe.unet]  # the service's loader compiles (here a stand-in: on CPU it would stay eager)
+    pipe = make_loader(str(tiny_model_dir), device="cpu")()
+    assert len(seen) == 1
