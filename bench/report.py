@@ -201,6 +201,23 @@ def _issue16(results: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _before_after(sec: Mapping[str, Any]) -> list[str]:
+    paired = sec.get("paired", {})
+    row = [sec.get("size", "?"), _f(sec["time_ms"]["base"], 1), _f(sec["before_over_base"]),
+           _f(sec["after_over_base"]), _f(sec["after_over_before"]), _f(paired.get("after_over_before")),
+           f"{_f(sec.get('load_average_1m_before'), 1)}→{_f(sec.get('load_average_1m_after'), 1)}"]  # fmt: skip
+    return [
+        "## The MoLE layer before and after issue 16 (`layer_before_after`)",
+        "",
+        "One UNet, its MoLE layers as before issue 16 (tests/reference_layer.py) and as now, with the same experts "
+        "and gates, timed interleaved with the base in one process.",
+        "",
+        *_table(["size", "base ms", "before/base", "after/base", "after/before", "paired", "load"], [row]),
+        _stamp(sec),
+        "",
+    ]
+
+
 def _layer_ops(sec: Mapping[str, Any]) -> list[str]:
     rows = [
         [name, str(case["ops"]), ", ".join(f"{op.removeprefix('aten::')} ×{k}" for op, k in case["by_name"].items())]
@@ -321,6 +338,7 @@ SECTIONS = {
     "mole_cost": _mole_cost,
     "layer": _layer,
     "layer_ops": _layer_ops,
+    "layer_before_after": _before_after,
     "training": _training,
     "curation": _curation,
     "demo": _demo,

@@ -39,6 +39,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     ),
     "layer": ("bench.layer_fused_vs_naive", [], ["--repeats", "10"]),
     "layer_ops": ("bench.layer_ops", [], []),
+    "layer_before_after": ("bench.layer_before_after", [], ["--repeats", "8"]),
     "training": ("bench.train_throughput", [], ["--quick"]),
     "curation": ("bench.curate_throughput", [], ["--quick"]),
     "demo": ("bench.demo_wall", [], []),

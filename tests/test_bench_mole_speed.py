@@ -104,3 +104,19 @@ def test_report_lists_issue_16_targets_as_not_measured_without_a_gpu_and_judges_
     assert verdicts["SD1.5, compiled UNet at batch 2: MoLE/base ≤ 1.6"] == "**met**"
     assert verdicts["SD1.5, 25-step 512² generation, batch 1, eager: MoLE ≥ 0.7 × base images/s"] == "**missed**"
     assert verdicts["SD1.5, 25-step 512² generation, batch 8, compiled: MoLE ≥ 0.7 × base images/s"] == "**met**"
+
+
+@pytest.mark.slow
+def test_layer_before_after_times_the_replaced_layer_against_the_new_one(tmp_path) -> None:
+    from bench.layer_before_after import main
+
+    path = tmp_path / "results.json"
+    threads = torch.get_num_threads()
+    try:
+        main(["--size", "tiny", "--repeats", "1", "--threads", "1", "--results", str(path)])
+    finally:
+        torch.set_num_threads(threads)
+    section = json.loads(path.read_text())["layer_before_after"]
+    assert section["max_rel_diff_after_vs_before"] < 1e-5  # the same function is timed twice
+    assert section["after_over_before"] > 0 and set(section["paired"]) == {"before_over_base", "after_over_base",
+                                                                             "after_over_before"}  # fmt: skip
