@@ -30,7 +30,7 @@ def measure(batch: int, tokens: int, d_in: int, d_out: int, rank: int, repeats: 
     torch.manual_seed(0)
     base = nn.Linear(d_in, d_out)
     experts = [ExpertWeights(torch.randn(rank, d_in) * 0.02, torch.randn(d_out, rank) * 0.02, 0.5) for _ in range(2)]
-    fused = MoLELayer(base, experts, ["face", "hand"], gate="both")
+    fused = MoLELayer(base, experts, ["face", "hand"], gate="both").requires_grad_(False)  # served: frozen gates
     naive = NaiveMoLELayer(fused, experts)
     x = torch.randn(batch, tokens, d_in)
     with torch.inference_mode():

@@ -16,10 +16,16 @@ Per size, in ``mole_cost.<size>`` of ``bench/results/latest.json``:
 * ``peers``: time ratios of ``naive``, ``peft`` and ``mole_fixed`` (MoLE with fixed weights, peft's peer);
 * ``load_average_1m_before`` / ``_after``: how busy the (shared) machine was around the timing.
 
+``--batches 2 8 16`` times each size at several UNet batches (one set of models, built once): the size's section
+then holds the first batch's figures as above and ``by_batch`` (``{"2": {...}, "8": {...}}``) with every batch's.
+``--dtype`` sets the GPU dtype (default fp16; the CPU sizes always run fp32); ``--results PATH`` writes the
+``mole_cost`` section into another results file (default ``bench/results/latest.json``).
+
 Idle OpenMP threads wait passively (see :mod:`bench`): with spin-waiting, a loaded 2-core machine turns every
 parallel region into a scheduling stall and the ratios measure op counts instead of work.
 
-    python -m bench.mole_cost [--sizes tiny mid sd15] [--quick] [--threads 2]
+    python -m bench.mole_cost [--sizes tiny mid sd15] [--batches 2 8 16] [--dtype bf16|fp16] [--quick]
+                              [--threads 2] [--results PATH]
 """
 
 from __future__ import annotations
@@ -27,13 +33,15 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from bench.common import (
+    LATEST_JSON,
     interleaved,
     load_average_1m,
     median_ms,
@@ -49,6 +57,7 @@ logger = logging.getLogger("bench.mole_cost")
 REPEATS = {"tiny": 60, "mid": 30, "sd15": 30}
 QUICK_REPEATS = {"tiny": 15, "mid": 8, "sd15": 8}
 VARIANTS = ("base", "mole", "mole_fixed", "naive", "peft")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _attention_ops() -> dict:
@@ -99,12 +108,45 @@ def _flop_fields(flops: Mapping[str, Mapping[str, int]]) -> dict[str, Any]:
     }
 
 
-def measure(size: UNetSize, device: str, dtype: torch.dtype, repeats: int, warmup: int = 2) -> dict[str, Any]:
-    """Time the five variants of one size, interleaved (after ``warmup`` untimed rounds), and count their FLOPs."""
-    load_before = load_average_1m()
+def measure(
+    size: UNetSize,
+    device: str,
+    dtype: torch.dtype,
+    repeats: int,
+    warmup: int = 2,
+    batches: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """Time the five variants of one size, interleaved (after ``warmup`` untimed rounds), and count their FLOPs.
+
+    With ``batches``, the models are built once and timed at each UNet batch: the result is the first batch's,
+    with every batch's under ``by_batch``.
+    """
     base = build_unet(size, device, dtype)
     models, facts = build_variants(size, base)
-    inputs = unet_inputs(size, base)
+    by_batch = {}
+    for batch in batches or [size.batch]:
+        logger.info("mole_cost: %s at batch %d", size.name, batch)
+        by_batch[str(batch)] = _measure_batch(size, models, facts, device, dtype, repeats, warmup, batch)
+    del models, base
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    first = next(iter(by_batch.values()))
+    return {**first, "by_batch": by_batch} if batches else first
+
+
+def _measure_batch(
+    size: UNetSize,
+    models: Mapping[str, nn.Module],
+    facts: Mapping[str, Any],
+    device: str,
+    dtype: torch.dtype,
+    repeats: int,
+    warmup: int,
+    batch: int,
+) -> dict[str, Any]:
+    load_before = load_average_1m()
+    inputs = unet_inputs(size, models["base"], batch=batch)
     flops = {k: count_flops(m, inputs) for k, m in models.items()}
     sync = torch.cuda.synchronize if device == "cuda" else None
     with torch.inference_mode():
@@ -115,9 +157,10 @@ def measure(size: UNetSize, device: str, dtype: torch.dtype, repeats: int, warmu
         "device": device,
         "dtype": str(dtype).removeprefix("torch."),
         "threads": torch.get_num_threads() if device == "cpu" else None,
+        "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
         "unet": dict(size.unet) if size.unet is not None else "mole.tiny (embedded default)",
         "latent": size.latent,
-        "batch": size.batch,
+        "batch": batch,
         "text_tokens": size.text_len,
         **facts,
         "repeats": repeats,
@@ -131,11 +174,10 @@ def measure(size: UNetSize, device: str, dtype: torch.dtype, repeats: int, warmu
             k: {"time_ratio": med[k] / med["base"], "flop_ratio": flops[k]["total"] / flops["base"]["total"]}
             for k in ("naive", "peft", "mole_fixed")
         },
+        "mole_over_peft": med["mole"] / med["peft"],
     }
     result["time_over_flop_bound"] = result["time_ratio"] / result["flop_ratio"]
     result["load_average_1m_before"], result["load_average_1m_after"] = load_before, load_average_1m()
-    del models, base
-    gc.collect()
     return result
 
 
@@ -167,7 +209,14 @@ def sd15_flops_only(reason: str) -> dict[str, Any]:
     }
 
 
-def run(sizes: list[str], quick: bool, threads: int) -> dict[str, Any]:
+def run(
+    sizes: list[str],
+    quick: bool,
+    threads: int,
+    batches: Sequence[int] | None = None,
+    dtype: str | None = None,
+) -> dict[str, Any]:
+    """Every size in ``sizes``: CPU sizes in fp32, ``sd15`` on CUDA in ``dtype`` (default fp16) or FLOPs only."""
     torch.set_num_threads(threads)
     repeats = QUICK_REPEATS if quick else REPEATS
     cuda = torch.cuda.is_available()
@@ -176,31 +225,38 @@ def run(sizes: list[str], quick: bool, threads: int) -> dict[str, Any]:
         logger.info("mole_cost: %s", name)
         if name == "sd15":
             if cuda:
-                out[name] = measure(SIZES[name], "cuda", torch.float16, repeats[name])
+                out[name] = measure(SIZES[name], "cuda", DTYPES[dtype or "fp16"], repeats[name], batches=batches)
             else:
                 out[name] = sd15_flops_only("no CUDA device")
+                if batches:
+                    out[name]["batches_asked"] = list(batches)
         else:
-            out[name] = measure(SIZES[name], "cpu", torch.float32, repeats[name])
+            out[name] = measure(SIZES[name], "cpu", torch.float32, repeats[name], batches=batches)
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["tiny", "mid", "sd15"], choices=sorted(SIZES))
+    parser.add_argument("--batches", nargs="+", type=int, help="UNet batches to time (default: each size's own)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="GPU dtype (default fp16; CPU sizes run fp32)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the issue's setting: 2)")
-    args = parser.parse_args()
+    parser.add_argument("--results", type=Path, default=LATEST_JSON, help="results file (its mole_cost section)")
+    args = parser.parse_args(argv)
+    if args.batches and any(b < 1 for b in args.batches):
+        parser.error("--batches must be positive")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    results = run(args.sizes, args.quick, args.threads)
-    update_results("mole_cost", results)
+    results = run(args.sizes, args.quick, args.threads, args.batches, args.dtype)
+    update_results("mole_cost", results, args.results)
     for name, r in results.items():
-        if "time_ratio" in r:
+        for batch, b in (r.get("by_batch") or ({str(r["batch"]): r} if "time_ratio" in r else {})).items():
             logger.info(
-                "%s: time %.3f, FLOP bound %.3f, vs naive %.2f, peft %.3f, naive %.3f",
-                name, r["time_ratio"], r["flop_ratio"], r["speedup_vs_naive"] or float("nan"),
-                r["peers"]["peft"]["time_ratio"], r["peers"]["naive"]["time_ratio"],
+                "%s batch %s: time %.3f, FLOP bound %.3f, vs naive %.2f, peft %.3f, naive %.3f",
+                name, batch, b["time_ratio"], b["flop_ratio"], b["speedup_vs_naive"] or float("nan"),
+                b["peers"]["peft"]["time_ratio"], b["peers"]["naive"]["time_ratio"],
             )  # fmt: skip
-        else:
+        if "time_ratio" not in r:
             logger.info("%s: FLOP bound %.3f (%s)", name, r["flop_ratio"], r.get("skipped"))
 
 

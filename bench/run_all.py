@@ -38,6 +38,14 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
         ["--sizes", "tiny", "mid", "sd15", "--quick"],
     ),
     "layer": ("bench.layer_fused_vs_naive", [], ["--repeats", "10"]),
+    "layer_ops": ("bench.layer_ops", [], []),
+    "layer_before_after": ("bench.layer_before_after", [], ["--repeats", "8"]),
+    # The tiny rows (any machine); the SD1.5 rows come from `make gpu-check` on a GPU.
+    "generate_speed": (
+        "bench.generate_speed",
+        ["--size", "tiny", "--batches", "1", "8", "--steps", "25"],
+        ["--size", "tiny", "--batches", "1", "--steps", "5", "--repeats", "1"],
+    ),
     "training": ("bench.train_throughput", [], ["--quick"]),
     "curation": ("bench.curate_throughput", [], ["--quick"]),
     "demo": ("bench.demo_wall", [], []),

@@ -79,7 +79,8 @@ def test_report_gives_targets_verdicts_and_skips():
     assert "| mid (CPU): MoLE/base time ≤ 1.05 × FLOP bound | 1.300 vs 1.334 (1.024 × bound) | **met** |" in md
     assert "| mid: speedup_vs_naive ≥ 1.2 | 1.70 | **met** |" in md
     assert "| sd15 | — | — | — | — | 1.460 |" in md  # the FLOP bound is counted without a GPU
-    assert md.count("not measured | — (no CUDA device)") == 3  # SD1.5 timing, stage-1 speed, stage-1 memory
+    # SD1.5 timing, stage-1 speed, stage-1 memory, and issue 16's seven GPU targets
+    assert md.count("not measured | — (no CUDA device)") == 3 + 7
     assert "## `demo`\n\nNot run yet." in md
 
     results["mole_cost"]["mid"] = _cost(1.45, 1.27, 1.1)

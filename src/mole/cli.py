@@ -45,6 +45,10 @@ app.add_typer(pipeline_app, name="pipeline")
 app.add_typer(study_app, name="study")
 
 logger = logging.getLogger("mole")
+COMPILE_HELP = (
+    "Compile the UNet (torch.compile + CUDA graphs; the first call compiles). On CPU, or if compiling fails, "
+    "it runs eager with a warning. Gate recording runs eager."
+)
 
 
 def _version(value: bool) -> None:
@@ -186,6 +190,7 @@ def generate(
         Path | None, typer.Option(help="With --gates: write the gate values per denoising step as JSON.")
     ] = None,
     device: Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda when available).")] = None,
+    compile_unet: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
 ) -> None:
     """Generate images with the base model, with experts at fixed scales, or with full MoLE (--gates)."""
     from mole.generate import generate as run_generate
@@ -200,7 +205,8 @@ def generate(
     if gate_trace is not None and gates is None:
         raise typer.BadParameter("--gate-trace needs --gates")
     try:
-        pipe = load_pipeline(model, expert_paths or None, gates, scales or None, device=device)
+        pipe = load_pipeline(model, expert_paths or None, gates, scales or None, device=device,
+                             compile_unet=compile_unet)  # fmt: skip
         result = run_generate(
             pipe,
             prompt,
@@ -258,6 +264,7 @@ def serve(
             "requests in flight and exit 75 so the orchestrator restarts on the new version (0: off).",
         ),
     ] = 0.0,
+    compile_unet: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
 ) -> None:
     """Serve text-to-image over HTTP: POST /v1/generate (mode base, experts or mole), a comparison page at /,
     /healthz, /readyz and Prometheus /metrics."""
@@ -265,7 +272,8 @@ def serve(
 
     try:
         settings = ServiceSettings(concurrency=concurrency, max_queue=max_queue, request_timeout=request_timeout)
-        loader = make_loader(model, parse_named(experts, "--experts") or None, gates, device=device)
+        loader = make_loader(model, parse_named(experts, "--experts") or None, gates, device=device,
+                             compile_unet=compile_unet)  # fmt: skip
     except (ValueError, FileNotFoundError) as err:
         raise _fail(err) from err
     code = run_server(loader, host=host, port=port, settings=settings, description=model,
@@ -579,6 +587,7 @@ def evaluate_run(
     guidance: Annotated[float, typer.Option(help="Guidance scale.")] = 7.5,
     batch_size: Annotated[int, typer.Option(help="Images generated and scored together.")] = 4,
     label: Annotated[str | None, typer.Option(help="Row label in comparison tables.")] = None,
+    compile_unet: Annotated[bool, typer.Option("--compile", help=COMPILE_HELP)] = False,
 ) -> None:
     """Generate for sampled benchmark prompts and score them (the paper's tables 1-3)."""
     import yaml
@@ -591,6 +600,7 @@ def evaluate_run(
             model=model, prompts=str(prompts), experts=parse_named(experts, "--experts"), gates=gates,
             num_prompts=num_prompts, repeats=repeats, scorers=[x.strip() for x in scorers.split(",") if x.strip()],
             scorer_config=conf or {}, seed=seed, steps=steps, guidance=guidance, batch_size=batch_size, label=label,
+            compile_unet=compile_unet,
         )  # fmt: skip
         report = evaluate_tracked(settings, output)
     except (ValueError, FileNotFoundError, ImportError) as err:

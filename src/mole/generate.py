@@ -42,6 +42,7 @@ def load_pipeline(
     expert_scales: Mapping[str, float] | None = None,
     device: str | None = None,
     dtype: torch.dtype | None = None,
+    compile_unet: bool = False,
 ):  # -> diffusers.StableDiffusionPipeline
     """Load a diffusers folder and, optionally, put experts (and gates) on its UNet.
 
@@ -53,6 +54,8 @@ def load_pipeline(
         expert_scales: Fixed scale per expert when no gates are given (default 1.0).
         device: ``cuda``/``cpu``; default CUDA when available.
         dtype: Default float16 on CUDA, float32 on CPU.
+        compile_unet: Compile the UNet (``torch.compile`` with CUDA graphs, :mod:`mole.compile`); on CPU, or when
+            compiling fails, it stays eager with a logged warning.
     """
     from diffusers import StableDiffusionPipeline
 
@@ -76,7 +79,14 @@ def load_pipeline(
         else:
             apply_mole(pipe.unet, experts, gate="none", expert_weights=expert_scales)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    # Nothing trains here: frozen gates let every MoLE layer keep its stacked weight between calls.
+    pipe.unet.requires_grad_(False)
+    pipe = pipe.to(device)
+    if compile_unet:
+        from mole.compile import compile_unet as compile_
+
+        compile_(pipe.unet)
+    return pipe
 
 
 def validate_size(width: int, height: int) -> None:

@@ -9,20 +9,27 @@ Eᵢ(X) = Bᵢ(Aᵢ(X))·scaleᵢ (LoRA pairs as trained by peft, scaleᵢ = α�
 
 Sigmoid, not softmax: the experts do not compete for a token.
 
-Because Aᵢ is linear and sᵢ is one scalar per token, Aᵢ(X·sᵢ) = sᵢ·Aᵢ(X); and because Pool is a mean,
-Pool(X)·ω = Pool(X·ω). So a layer is computed fused, in two matmuls whatever the number of experts instead of
-2·N separate expert calls (the released code's way):
+Because Aᵢ is linear and sᵢ is one scalar per token, Aᵢ(X·sᵢ) = sᵢ·Aᵢ(X); and because Pool is a mean and the
+product is linear, Pool(X)·ω + b = Pool(X·ω + b). So the gates cost next to nothing (:mod:`mole.fused`):
 
-1. H = X·[A₁; …; A_N]ᵀ, all A's stacked (``[ΣR, d]``); the gate logits X·[φ; ω]ᵀ come from one more, 2N
-   columns wide, which costs next to nothing;
-2. each expert's block of H is scaled by cᵢ = gᵢ·sᵢ·scaleᵢ (a broadcast over ``[P, r]`` blocks when the
-   ranks are equal, no per-row gather);
-3. F(X) += H·[B₁ … B_N]ᵀ, accumulated by the GEMM into the base layer's output (in place when no gradient
-   is recorded), so there is no separate add over the output.
+1. Y = X·Sᵀ + b, one GEMM: S = ``[A₁; …; A_N; φ; ω]`` stacks every expert's down-projection and both gates'
+   weights (``[R + 2N, d]``), b = ``[0…0, b_φ, b_ω]``: X is read once, for the experts and both gates;
+2. s = sigmoid(Y_φ), g = sigmoid(Pool(Y_ω)) (the pool a ``1/T`` GEMV), c = s·g, and each expert's block of
+   H = Y_A scaled by its cᵢ (a broadcast over ``[N, r]`` blocks when the ranks are equal);
+3. F(X) += H'·B'ᵀ with B' = ``[B₁·scale₁ … B_N·scale_N]`` (the LoRA scales folded in once), accumulated by the
+   GEMM into the base layer's output (in place when no gradient is recorded).
+
+On CPU that is 8 ops beyond the base layer for local + global gates, 16 before (``bench/layer_ops.py`` counts
+them; a test keeps it so). S and b are buffers built once; their gate rows are copies of φ and ω, refreshed when those
+change: always before a forward while the gates are trainable (an optimizer may write them any way it likes,
+``.data`` included), and, once frozen (``requires_grad=False``, as generation and serving load them), only when
+a gate tensor's version or storage changed (``copy_``, ``load_state_dict``, :func:`mole.inject.load_gates`,
+``.to()``). Writing frozen gates through ``.data`` is not seen: call :meth:`MoLELayer.refresh` after it.
+Gradients (gates training) go through :class:`mole.fused.GatedProjection`, which gives X and the gate rows
+their gradients from the same cached S and never one to the frozen experts.
 
 A 1×1 conv is computed channels-first on its NCHW input (X as ``[B, d, H·W]``), so neither X nor the output
-is transposed or copied. Step 1 is in :meth:`MoLELayer.forward`, steps 2–3 in :func:`mole_delta`; on a
-mid-size UNet this keeps the time overhead at the FLOP overhead (``bench/results/latest.md``).
+is transposed or copied.
 
 Everything trainable in a layer is named ``mole_*`` so that freezing, saving and loading filter on the
 prefix (the same convention as peft's ``lora_``).
@@ -37,6 +44,8 @@ from typing import Literal, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mole.fused import accumulate, gated_project, pool_tokens, project
 
 GateMode = Literal["local", "global", "both", "none"]
 #: ``none`` disables learned gates: each expert is applied at a fixed weight (the paper's Fig. 1 scales).
@@ -79,63 +88,11 @@ def token_pool(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1, -2).mean(dim=1)
 
 
-def mole_delta(
-    hidden: torch.Tensor,
-    coef: torch.Tensor,
-    up: torch.Tensor,
-    out: torch.Tensor,
-    *,
-    rank: int | None,
-    channels_first: bool = False,
-    inplace: bool = False,
-) -> torch.Tensor:
-    """``out + Σᵢ Bᵢ·(cᵢ·Hᵢ)``: scale every expert's rows of H = A·X by its coefficient, then one GEMM that
-    accumulates into ``out``.
-
-    Args:
-        hidden: H for all experts, rows in expert order: ``[B, T, R]`` (features last) or ``[B, R, T]``
-            (channels first), R = Σᵢ rᵢ.
-        coef: With ``rank`` set, one coefficient per expert (all of rank ``rank``), broadcastable to
-            ``[B, T, P]`` / ``[B, P, T]``; with ``rank=None``, one per row, broadcastable to ``[B, T, R]`` /
-            ``[B, R, T]``. For expert i it is gᵢ·sᵢ·scaleᵢ.
-        up: All experts' B concatenated along columns: ``[m, R]``.
-        out: The base layer's output to add to: ``[B, T, m]`` or ``[B, m, T]``, contiguous.
-        rank: The common rank of the experts in ``hidden``, or None (coefficients are then per row).
-        channels_first: Layout of ``hidden`` and ``out``.
-        inplace: Accumulate into ``out`` itself (only where no gradient is recorded through it).
-
-    Returns:
-        ``out`` plus the experts' contribution, in ``out``'s layout.
-    """
-    coef = coef.to(hidden.dtype)
-    if channels_first:
-        scaled = (
-            hidden * coef if rank is None else (hidden.unflatten(1, (-1, rank)) * coef.unsqueeze(-2)).flatten(1, 2)
-        )
-    else:
-        scaled = hidden * coef if rank is None else (hidden.unflatten(-1, (-1, rank)) * coef.unsqueeze(-1)).flatten(-2)
-    scaled, up = scaled.to(out.dtype), up.to(out.dtype)
-    if channels_first:  # out[b] += B · scaled[b]: [m, R] @ [R, T]
-        if out.shape[0] == 1:
-            acc = out[0].addmm_(up, scaled[0]) if inplace else torch.addmm(out[0], up, scaled[0])
-            return acc.unsqueeze(0)
-        up = up.expand(out.shape[0], -1, -1)
-        return out.baddbmm_(up, scaled) if inplace else torch.baddbmm(out, up, scaled)
-    flat_out, flat = out.view(-1, out.shape[-1]), scaled.reshape(-1, scaled.shape[-1])  # [B·T, m], [B·T, R]
-    acc = flat_out.addmm_(flat, up.t()) if inplace else torch.addmm(flat_out, flat, up.t())
-    return acc.view(out.shape)
-
-
 class TimeSource(Protocol):
     """Where a timestep-conditioned layer reads the UNet's timestep embedding (:mod:`mole.timestep`)."""
 
     def embedding(self) -> torch.Tensor | None:
         """The embedding of the UNet forward running now, ``[B, time_dim]``, or None outside one."""
-
-
-def _logit_bias(bias: torch.Tensor, channels_first: bool) -> torch.Tensor:
-    """A gate bias ``[N]`` (or per sample ``[B, N]``) shaped to add to ``[B, N, T]`` / ``[B, T, N]`` logits."""
-    return bias.unsqueeze(-1) if channels_first else bias.unsqueeze(-2)
 
 
 class MoLELayer(nn.Module):
@@ -205,7 +162,8 @@ class MoLELayer(nn.Module):
         n = len(experts)
 
         ref = base_layer.weight
-        downs, ups, row_expert, row_scale = [], [], [], []
+        factory = {"device": ref.device, "dtype": ref.dtype}
+        downs, ups, row_expert = [], [], []
         for i, expert in enumerate(experts):
             if expert is None:
                 continue
@@ -216,36 +174,11 @@ class MoLELayer(nn.Module):
                     f"expert {expert_names[i]!r} does not fit a layer of {d_in}→{d_out} features: "
                     f"A is {tuple(expert.down.shape)}, B is {tuple(expert.up.shape)}"
                 )
-            downs.append(down)
-            ups.append(up)
+            downs.append(down.to(**factory))
+            ups.append(up.to(**factory) * float(expert.scale))  # B·scale: the LoRA scale folded in once
             row_expert += [i] * down.shape[0]
-            row_scale += [float(expert.scale)] * down.shape[0]
-        factory = {"device": ref.device, "dtype": ref.dtype}
-        self.register_buffer(
-            "expert_down", torch.cat(downs).to(**factory) if downs else torch.zeros(0, d_in, **factory), False
-        )
-        self.register_buffer(
-            "expert_up",
-            torch.cat(ups, dim=1).to(**factory) if ups else torch.zeros(d_out, 0, **factory),
-            False,
-        )
-        # Which expert each rank row belongs to, and that expert's LoRA scale.
-        self.register_buffer("row_expert", torch.tensor(row_expert, dtype=torch.long, device=ref.device), False)
-        self.register_buffer("row_scale", torch.tensor(row_scale, **factory), False)
-        weights = [1.0] * n if expert_weights is None else [float(w) for w in expert_weights]
-        if len(weights) != n:
-            raise ValueError(f"expert_weights has {len(weights)} entries for {n} experts")
-        self.register_buffer("expert_weight", torch.tensor(weights, **factory), False)
-        # Per-expert LoRA scale (0 for an expert absent here), and the layout of the rows of A: when every
-        # expert present has the same rank, the rows are scaled as [P, r] blocks by P per-expert coefficients
-        # (the `present` ones) instead of gathering a coefficient for each of the R rows.
-        scales = dict(zip(row_expert, row_scale, strict=True))
-        self.register_buffer("expert_scale", torch.tensor([scales.get(i, 0.0) for i in range(n)], **factory), False)
-        present = sorted(scales)
-        ranks = {row_expert.count(i) for i in present}
-        self.block_rank: int | None = ranks.pop() if len(ranks) == 1 else None
-        self.all_present = len(present) == n
-        self.register_buffer("present", torch.tensor(present, dtype=torch.long, device=ref.device), False)
+        #: Σᵢ rᵢ, the rank rows of S (and columns of B').
+        self.rank_rows = len(row_expert)
 
         self.mole_local: nn.Linear | None = None
         self.mole_global: nn.Linear | None = None
@@ -253,21 +186,45 @@ class MoLELayer(nn.Module):
             self.mole_local = self._gate_linear(d_in, n, init_bias, factory)
         if gate in ("global", "both"):
             self.mole_global = self._gate_linear(d_in, n, init_bias, factory)
+        gates = [g for g in (self.mole_local, self.mole_global) if g is not None]
+        # S = [A₁; …; A_N; φ; ω] and b = [0…0, b_φ, b_ω] (module docstring); the gate rows are filled by refresh().
+        parts = [*downs, *(torch.zeros(n, d_in, **factory) for _ in gates)]
+        stacked = torch.cat(parts) if parts else torch.zeros(0, d_in, **factory)
+        self.register_buffer("stacked_down", stacked, False)
+        self.register_buffer("stacked_bias", torch.zeros(self.stacked_down.shape[0], **factory), False)
+        #: B' = [B₁·scale₁ … B_N·scale_N], ``[m, R]``.
+        self.register_buffer("expert_up", torch.cat(ups, dim=1) if ups else torch.zeros(d_out, 0, **factory), False)
+        # Which expert each rank row belongs to; when every expert present has the same rank, H is scaled as
+        # [P, r] blocks by P per-expert coefficients (the `present` ones) instead of one per row.
+        self.register_buffer("row_expert", torch.tensor(row_expert, dtype=torch.long, device=ref.device), False)
+        present = sorted(set(row_expert))
+        ranks = {row_expert.count(i) for i in present}
+        self.block_rank: int | None = ranks.pop() if len(ranks) == 1 else None
+        self.all_present = len(present) == n
+        self.register_buffer("present", torch.tensor(present, dtype=torch.long, device=ref.device), False)
+        weights = [1.0] * n if expert_weights is None else [float(w) for w in expert_weights]
+        if len(weights) != n:
+            raise ValueError(f"expert_weights has {len(weights)} entries for {n} experts")
+        self.register_buffer("expert_weight", torch.tensor(weights, **factory), False)
+        self._unit_weights = all(w == 1.0 for w in weights)
+
         self.mole_time: nn.Linear | None = None
         #: Gives the current timestep embedding ``[B, time_dim]``: set by :func:`mole.timestep.attach_timestep`.
         self.time_context: TimeSource | None = None
         if time_dim is not None:
-            if self.mole_local is None and self.mole_global is None:
+            if not gates:
                 raise ValueError("timestep-conditioned gates need learned gates (local, global or both), not 'none'")
-            kinds = (self.mole_local is not None) + (self.mole_global is not None)
-            self.mole_time = self._gate_linear(time_dim, kinds * n, 0.0, factory)  # zero weights and bias
+            self.mole_time = self._gate_linear(time_dim, len(gates) * n, 0.0, factory)  # zero weights and bias
 
+        #: What the gate rows of S were last copied from (storage and version of every source), or None.
+        self._stack_key: tuple | None = None
         #: Set by :func:`mole.inject.record_gates`; when true the last forward's gates are kept.
         self.record_gates = False
         self.last_local: torch.Tensor | None = None  # [B, *tokens, N]
         self.last_global: torch.Tensor | None = None  # [B, N]
         #: One of :data:`RUN_MODES`; set by :func:`mole.inject.mole_mode`.
         self.mode = "mole"
+        self.refresh()
 
     @staticmethod
     def _gate_linear(d_in: int, n: int, init_bias: float, factory: dict) -> nn.Linear:
@@ -280,11 +237,57 @@ class MoLELayer(nn.Module):
     def num_experts(self) -> int:
         return len(self.expert_names)
 
+    @property
+    def has_gates(self) -> bool:
+        return self.mole_local is not None or self.mole_global is not None
+
+    @property
+    def expert_down(self) -> torch.Tensor:
+        """A₁…A_N stacked, ``[R, d]`` (a view of the first rows of S)."""
+        return self.stacked_down[: self.rank_rows]
+
     def extra_repr(self) -> str:
         return (
-            f"experts={self.expert_names}, gate={self.gate}, ranks={self.expert_down.shape[0]}, "
+            f"experts={self.expert_names}, gate={self.gate}, ranks={self.rank_rows}, "
             f"features={self.in_features}→{self.out_features}"
         )
+
+    def _gate_layers(self) -> list[nn.Linear]:
+        return [g for g in (self.mole_local, self.mole_global) if g is not None]
+
+    def _sources(self) -> list[torch.Tensor]:
+        return [t for g in self._gate_layers() for t in (g.weight, g.bias)]
+
+    def refresh(self) -> None:
+        """Copy φ, ω and their biases into the gate rows of S and b (see the module docstring for when)."""
+        sources = self._sources()
+        if not sources:
+            return
+        n, rows = self.num_experts, self.rank_rows
+        with torch.no_grad():
+            for k, gate in enumerate(self._gate_layers()):
+                self.stacked_down[rows + k * n : rows + (k + 1) * n].copy_(gate.weight)
+                self.stacked_bias[rows + k * n : rows + (k + 1) * n].copy_(gate.bias)
+        self._stack_key = self._key(sources)
+
+    def _key(self, sources: list[torch.Tensor]) -> tuple | None:
+        tensors = (self.stacked_down, *sources)
+        if any(t.is_inference() for t in tensors):
+            return None  # inference tensors keep no version: refresh every time
+        return tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
+
+    def _fresh_stack(self) -> None:
+        """Make the gate rows of S current: every call while a gate is trainable, else only when they changed."""
+        if torch.compiler.is_compiling():
+            return  # a compiled UNet reads S as refreshed before it was compiled (mole.compile freezes the gates)
+        sources = self._sources()
+        if any(t.requires_grad for t in sources):
+            self.refresh()
+            self._stack_key = None  # values written through .data since are not seen: refresh again once frozen
+        else:
+            key = self._key(sources)
+            if key is None or key != self._stack_key:
+                self.refresh()
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
         """Per-expert coefficients gᵢ·sᵢ (or the fixed weights), features-last input.
@@ -297,10 +300,11 @@ class MoLELayer(nn.Module):
         """
         if self.mode == "experts":
             return torch.ones(self.num_experts, dtype=x.dtype, device=x.device)  # [N]
-        if self.mole_local is None and self.mole_global is None:
+        if not self.has_gates:
             return self.expert_weight.to(x.dtype)  # [N]
         feats = x.reshape(x.shape[0], -1, x.shape[-1])  # [B, T, d]
-        coef = self._gate_values(feats, channels_first=False, tokens=x.shape[1:-1])  # [B, T or 1, N]
+        logits = self._project(feats, channels_first=False, gated=True)
+        coef = self._coefficients(logits, channels_first=False, tokens=x.shape[1:-1])  # [B, T or 1, N]
         if self.mole_local is not None:
             return coef.reshape(*x.shape[:-1], coef.shape[-1])
         return coef.reshape(x.shape[0], *([1] * (x.dim() - 2)), coef.shape[-1])
@@ -318,81 +322,107 @@ class MoLELayer(nn.Module):
         weight, bias = self.mole_time.weight.to(dtype), self.mole_time.bias.to(dtype)
         return F.linear(emb.to(dtype), weight, bias).expand(batch, -1)  # [B, kN]
 
-    def _gate_values(self, feats: torch.Tensor, channels_first: bool, tokens: Sequence[int]) -> torch.Tensor:
-        """gᵢ·sᵢ from one matmul of X with [φ; ω] (eq. 5–6): ``[B, T, N]`` / ``[B, N, T]`` with a local gate,
+    def _project(self, feats: torch.Tensor, channels_first: bool, gated: bool) -> torch.Tensor:
+        """Y = X·Sᵀ + b (with the gate rows when ``gated``, else H = X·Aᵀ alone): ``[B, T, K]`` / ``[B, K, T]``."""
+        if not gated:
+            return project(feats, self.expert_down.to(feats.dtype), None, channels_first)
+        self._fresh_stack()
+        stack, bias = self.stacked_down.to(feats.dtype), self.stacked_bias.to(feats.dtype)
+        params = self._sources()
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            n, rows = self.num_experts, self.rank_rows
+            starts = [rows + k * n for k in range(len(params) // 2)]
+            return gated_project(feats, stack, bias, channels_first, starts, n, params)
+        return project(feats, stack, bias, channels_first)
+
+    def _coefficients(self, logits: torch.Tensor, channels_first: bool, tokens: Sequence[int]) -> torch.Tensor:
+        """gᵢ·sᵢ from the gate columns of Y (eq. 5–6): ``[B, T, N]`` / ``[B, N, T]`` with a local gate,
         ``[B, 1, N]`` / ``[B, N, 1]`` with the global one alone.
 
         Args:
-            feats: ``[B, T, d]`` (features last) or ``[B, d, T]`` (channels first).
-            channels_first: The layout of ``feats``.
+            logits: Y, ``[B, T, R + kN]`` (features last) or ``[B, R + kN, T]`` (channels first).
+            channels_first: The layout of ``logits``.
             tokens: The token axes' sizes (T's factors), for the recorded local gates ``[B, *tokens, N]``.
         """
-        gate_layers = [g for g in (self.mole_local, self.mole_global) if g is not None]
-        weight = torch.cat([g.weight for g in gate_layers]) if len(gate_layers) > 1 else gate_layers[0].weight
-        weight = weight.to(feats.dtype)
-        logits = torch.matmul(weight, feats) if channels_first else F.linear(feats, weight)  # [B, 2N, T] / [B, T, 2N]
-        expert_dim, token_dim = (-2, -1) if channels_first else (-1, -2)
-        n, offset, coef = self.num_experts, 0, None
-        # With timestep gates each sample's bias is shifted by its own step's term: [N] -> [B, N].
-        time = self._time_logits(feats.shape[0], feats.dtype) if self.mole_time is not None else None
+        axis = 1 if channels_first else -1
+        n, offset, coef = self.num_experts, self.rank_rows, None
+        batch = logits.shape[0]
+        # With timestep gates each sample's logits are shifted by its own step's term: [B, kN].
+        time = self._time_logits(batch, logits.dtype) if self.mole_time is not None else None
+
+        def shift(part: torch.Tensor, k: int, inplace: bool) -> torch.Tensor:
+            if time is None:
+                return part
+            term = time[:, k * n : (k + 1) * n]  # [B, N]
+            term = term[:, :, None] if channels_first else term[:, None, :]
+            # In place on Y's strided slice: the sigmoid then runs on the same layout as without the time term,
+            # so a zero term gives bit-identical gates (CPU kernels round differently on other layouts).
+            return part.add_(term) if inplace else part + term
+
+        kind = 0
         if self.mole_local is not None:
-            bias = self.mole_local.bias.to(feats.dtype)
-            if time is not None:
-                bias = bias + time[:, :n]  # [B, N]
-            local = torch.sigmoid(logits.narrow(expert_dim, 0, n) + _logit_bias(bias, channels_first))
+            local = torch.sigmoid(shift(logits.narrow(axis, offset, n), kind, inplace=True))  # [B, T, N] / [B, N, T]
             if self.record_gates:
-                as_last = local.movedim(-2, -1) if channels_first else local  # [B, T, N]
-                self.last_local = as_last.reshape(feats.shape[0], *tokens, n).detach()
-            coef, offset = local, n
+                as_last = local.movedim(1, -1) if channels_first else local  # [B, T, N]
+                self.last_local = as_last.reshape(batch, *tokens, n).detach()
+            coef, offset, kind = local, offset + n, 1
         if self.mole_global is not None:
-            bias = self.mole_global.bias.to(feats.dtype)
-            if time is not None:
-                bias = bias + time[:, offset : offset + n]  # [B, N]
-            pooled = logits.narrow(expert_dim, offset, n).mean(token_dim, keepdim=True)  # Pool(X·ω) = Pool(X)·ω
-            glob = torch.sigmoid(pooled + _logit_bias(bias, channels_first))  # [B, 1, N] / [B, N, 1]
+            omega = logits.narrow(axis, offset, n)  # [B, T, N] / [B, N, T]
+            pooled = pool_tokens(omega, channels_first)  # Pool(X·ω + b) = Pool(X)·ω + b: [B, 1, N] / [B, N, 1]
+            # With one token the pool is Y's slice itself: shifted in place, like the local logits.
+            glob = torch.sigmoid(shift(pooled, kind, inplace=pooled is omega))
             if self.record_gates:
-                self.last_global = glob.reshape(feats.shape[0], n).detach()
+                self.last_global = glob.reshape(batch, n).detach()
             coef = glob if coef is None else coef * glob
         return coef
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
-        if self.expert_down.shape[0] == 0 or self.mode == "base":
+        if self.rank_rows == 0 or self.mode == "base":
             return out
         batch = x.shape[0]
         # A contiguous NCHW conv input is already [B, d, T]: work channels-first, copying nothing.
         channels_first = self.is_conv and x.is_contiguous() and out.is_contiguous()
-        down = self.expert_down.to(x.dtype)
         if channels_first:
             feats, tokens = x.view(batch, self.in_features, -1), x.shape[2:]  # [B, d, T]
-            hidden = torch.matmul(down, feats)  # [B, R, T]
             acc = out.view(batch, self.out_features, -1)  # [B, m, T]
         else:
             feats = x.movedim(1, -1) if self.is_conv else x  # [B, *tokens, d]
             tokens = feats.shape[1:-1]
             feats = feats.reshape(batch, -1, self.in_features)  # [B, T, d]
-            hidden = F.linear(feats, down)  # [B, T, R]
             acc = out.movedim(1, -1) if self.is_conv else out  # [B, *tokens, m]
             acc = acc.contiguous().view(batch, -1, self.out_features)  # [B, T, m]
-        expert_dim = -2 if channels_first else -1
-        # Per-expert coefficients cᵢ = gᵢ·sᵢ·scaleᵢ, [N] for fixed weights (a column [N, 1] channels-first).
-        if self.mode == "experts" or (self.mole_local is None and self.mole_global is None):
-            weights = self.expert_weight if self.mode != "experts" else torch.ones_like(self.expert_weight)
-            coef = weights * self.expert_scale
-            coef = coef[:, None] if channels_first else coef
+        gated = self.mode == "mole" and self.has_gates
+        logits = self._project(feats, channels_first, gated)  # [B, T, K] / [B, K, T]
+        axis = 1 if channels_first else -1
+        hidden = logits.narrow(axis, 0, self.rank_rows) if gated else logits  # H = X·Aᵀ: [B, T, R] / [B, R, T]
+        # Per-expert coefficients cᵢ = gᵢ·sᵢ, or the fixed weights ([N]; none at all when they are all 1).
+        if gated:
+            coef = self._coefficients(logits, channels_first, tokens)  # [B, T|1, N] / [B, N, T|1]
+        elif self.mode == "experts" or self._unit_weights:
+            coef = None
         else:
-            coef = self._gate_values(feats, channels_first, tokens) * (
-                self.expert_scale[:, None] if channels_first else self.expert_scale
-            )
-        if self.block_rank is None:
-            coef = coef.index_select(expert_dim, self.row_expert)  # one coefficient per row of A
-        elif not self.all_present:
-            coef = coef.index_select(expert_dim, self.present)
-        acc = mole_delta(
-            hidden, coef, self.expert_up, acc, rank=self.block_rank, channels_first=channels_first,
-            inplace=not torch.is_grad_enabled(),
-        )  # fmt: skip
+            coef = self.expert_weight.to(hidden.dtype)
+            coef = coef[:, None] if channels_first else coef
+        if coef is not None:
+            hidden = self._scale_rows(hidden, coef, channels_first)
+        acc = accumulate(
+            hidden, self.expert_up, acc, channels_first=channels_first, inplace=not torch.is_grad_enabled()
+        )
         if channels_first:
             return acc.view(out.shape)
         acc = acc.view(*out.shape[:1], *tokens, self.out_features)
         return acc.movedim(-1, 1) if self.is_conv else acc
+
+    def _scale_rows(self, hidden: torch.Tensor, coef: torch.Tensor, channels_first: bool) -> torch.Tensor:
+        """Every expert's rows of H times its coefficient: one broadcast multiply over ``[N, r]`` blocks."""
+        axis = -2 if channels_first else -1  # the expert axis of [B, N, T|1] or [N, 1]; of [B, T|1, N] or [N]
+        coef = coef.to(hidden.dtype)
+        if self.block_rank is None:  # unequal ranks: one coefficient per row
+            return hidden * coef.index_select(axis, self.row_expert)
+        if not self.all_present:
+            coef = coef.index_select(axis, self.present)
+        rank = self.block_rank
+        if channels_first:  # [B, P, r, T] * [B, P, 1, T|1]
+            return (hidden.unflatten(1, (-1, rank)) * coef.unsqueeze(-2)).flatten(1, 2)
+        return (hidden.unflatten(-1, (-1, rank)) * coef.unsqueeze(-1)).flatten(-2)  # [B, T, P, r] * [B, T|1, P, 1]

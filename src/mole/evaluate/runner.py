@@ -44,6 +44,8 @@ class EvalSettings:
     batch_size: int = 4
     save_images: bool = True
     label: str | None = None
+    #: Compile the UNet (:mod:`mole.compile`; eager with a warning on CPU or when compiling fails).
+    compile_unet: bool = False
 
     def __post_init__(self) -> None:
         # The gates stage's output folder stands for its gates file (the model folder is resolved on loading,
@@ -90,8 +92,13 @@ def evaluate(settings: EvalSettings, output: str | os.PathLike[str]) -> dict[str
         from mole.tracking import load_registered_pipeline
 
         pipe = load_registered_pipeline(settings.model)
+        if settings.compile_unet:
+            from mole.compile import compile_unet
+
+            compile_unet(pipe.unet)
     else:
-        pipe = load_pipeline(settings.model, settings.experts or None, settings.gates)
+        pipe = load_pipeline(settings.model, settings.experts or None, settings.gates,
+                             compile_unet=settings.compile_unet)  # fmt: skip
     n = min(settings.num_prompts, len(prompts))
     if n < settings.num_prompts:
         logger.warning("only %d prompts in %s; evaluating all of them", n, settings.prompts)

@@ -252,10 +252,12 @@ def make_loader(
     experts: Mapping[str, str] | None = None,
     gates: str | os.PathLike[str] | None = None,
     device: str | None = None,
+    compile_unet: bool = False,
 ) -> Callable[[], Any]:
     """A function that loads ``model`` (a diffusers folder, or a registered ``models:/NAME@ALIAS``).
 
-    Checks what can be checked without loading, so that a wrong path fails before the server starts.
+    Checks what can be checked without loading, so that a wrong path fails before the server starts. With
+    ``compile_unet`` the loaded UNet is compiled (:mod:`mole.compile`; eager with a warning on CPU).
     """
     if model.startswith(("models:/", "runs:/")):
         if experts or gates:
@@ -284,7 +286,12 @@ def make_loader(
                 self.resolved = resolve_version(model)
                 logger.info("%s is %s", redact(model), redact(self.resolved))
                 pipe = load_registered_pipeline(self.resolved)
-                return pipe.to(device) if device else pipe
+                pipe = pipe.to(device) if device else pipe
+                if compile_unet:
+                    from mole.compile import compile_unet as compile_
+
+                    compile_(pipe.unet)
+                return pipe
 
         return LoadRegistered()
     from mole.outputs import gates_file, model_folder
@@ -301,7 +308,7 @@ def make_loader(
     def load_local() -> Any:
         from mole.generate import load_pipeline
 
-        return load_pipeline(path, dict(experts) if experts else None, gates, device=device)
+        return load_pipeline(path, dict(experts) if experts else None, gates, device=device, compile_unet=compile_unet)
 
     return load_local
 
