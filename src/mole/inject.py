@@ -32,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from mole import atomic
 from mole.layers import GATE_MODES, MOLE_PREFIX, RUN_MODES, ExpertWeights, GateMode, MoLELayer
 from mole.security import check_name
 from mole.timestep import CONDITIONS, attach_timestep, detach_timestep, time_embedding_dim
@@ -385,7 +386,11 @@ def save_gates(unet: nn.Module, path: str | os.PathLike[str]) -> Path:
 
 
 def write_gates(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write gate tensors (``{param_name: tensor}``) with their settings; atomic for the weights file.
+    """Write gate tensors (``{param_name: tensor}``) with their settings, the two files committed together.
+
+    Both are written in full under temporary names, then the JSON settings are renamed into place and the
+    weights last: the weights file, which carries the same settings in its metadata, is the commit point, and
+    :func:`read_gate_settings` trusts it over a sidecar that disagrees (a write interrupted between the renames).
 
     Separate from :func:`save_gates` because distributed training gathers the tensors itself (ZeRO-3
     partitions parameters, so ``named_parameters`` would hold only this process's shard).
@@ -393,7 +398,6 @@ def write_gates(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], 
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path.with_suffix(".safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
     settings = {
         "format": GATES_FORMAT,
         "gate": config["gate"],
@@ -403,27 +407,31 @@ def write_gates(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], 
         "init_bias": config["init_bias"],
     }
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(cpu, str(tmp), metadata={"mole": json.dumps(settings)})
-    os.replace(tmp, path)
-    _sidecar(path).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    with atomic.replace_together(_sidecar(path), path) as (settings_tmp, weights_tmp):
+        settings_tmp.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+        save_file(cpu, str(weights_tmp), metadata={"mole": json.dumps(settings)})
     return path
 
 
 def read_gate_settings(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The settings of a gates file (from its JSON, else from the safetensors metadata)."""
+    """The settings of a gates file: those in its safetensors metadata (written with the weights, in one file),
+    else its JSON sidecar (gates files written by other tools may carry no metadata). A sidecar that disagrees
+    with the metadata is stale (a write interrupted between its two renames): the metadata wins, with a warning.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"gates file not found: {path}")
     sidecar = _sidecar(path)
-    if sidecar.is_file():
-        settings = json.loads(sidecar.read_text(encoding="utf-8"))
-    else:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("mole")
-        if raw is None:
-            raise ValueError(f"{path} is not a MoLE gates file (no {sidecar.name} and no 'mole' metadata)")
-        settings = json.loads(raw)
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get("mole")
+    embedded = json.loads(raw) if raw is not None else None
+    from_sidecar = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else None
+    if embedded is None and from_sidecar is None:
+        raise ValueError(f"{path} is not a MoLE gates file (no {sidecar.name} and no 'mole' metadata)")
+    if embedded is not None and from_sidecar is not None and embedded != from_sidecar:
+        logger.warning("%s disagrees with the settings inside %s (an interrupted write?): using the latter",
+                       sidecar, path)  # fmt: skip
+    settings = embedded if embedded is not None else from_sidecar
     if settings.get("format") != GATES_FORMAT:
         raise ValueError(f"{path}: unsupported gates format {settings.get('format')!r}, expected {GATES_FORMAT}")
     return settings

@@ -7,7 +7,8 @@ source of boto3's default chain), never from configs or arguments, so a secret c
 
 Guarantees callers rely on:
 
-* Local writes are atomic (``<name>.part``, then rename): a crash never leaves a truncated file under the real name.
+* Local writes are atomic (:mod:`mole.atomic`: a hidden temporary, then rename): a crash never leaves a truncated
+  file under the real name.
 * :func:`upload_dir` uploads a folder's completion marker (``dataset.json``, ``_SUCCESS``) last, and deletes an
   older remote marker first, so a partial upload never looks complete to a reader that checks the marker.
 * Transient faults (timeouts, refused connections, 5xx, throttling) are retried with exponential backoff by
@@ -33,6 +34,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mole import atomic
 from mole.security import redact
 
 if TYPE_CHECKING:
@@ -276,12 +278,8 @@ def _s3_key(uri: str) -> tuple[str, str]:
 
 def _atomic_copy(src: Path, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    try:
+    with atomic.replaced(dest) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------------- files
@@ -336,16 +334,8 @@ def download_file(
         return dest
     bucket, key = _s3_key(uri)
     client = client or s3_client()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    try:
-        with _translate("download of", uri, client):
-            client.download_file(
-                bucket, key, str(tmp), Config=transfer_config(multipart_threshold, multipart_chunksize)
-            )
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic.replaced(dest) as tmp, _translate("download of", uri, client):
+        client.download_file(bucket, key, str(tmp), Config=transfer_config(multipart_threshold, multipart_chunksize))
     return dest
 
 
@@ -452,7 +442,7 @@ def download_dir(
     """Mirror the folder ``uri`` into ``local_dir``; files already there with the object's size are skipped.
 
     The size check makes an interrupted download resumable and a second call cheap; files land atomically
-    (``.part`` then rename), so a size match means a complete earlier download. Local files absent remotely are
+    (a temporary then rename), so a size match means a complete earlier download. Local files absent remotely are
     kept. A local ``uri`` is copied the same way.
 
     Raises:

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -260,8 +259,6 @@ def build_stage(
 
 def write_result(output: Path, payload: dict[str, Any]) -> Path:
     """``result.json``: what a stage produced, for the next stage and the pipeline."""
-    path = output / "result.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    from mole import atomic
+
+    return atomic.write_json(output / "result.json", payload, default=str)
