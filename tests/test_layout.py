@@ -151,3 +151,14 @@ def test_every_mole_import_names_something_that_exists() -> None:
                         except ModuleNotFoundError:
                             missing.append(f"{file.relative_to(REPO)}:{node.lineno} {node.module}.{alias.name}")
     assert not missing, missing
+
+
+def test_mode_names_have_one_home() -> None:
+    """The layer's run modes are the service's modes and the request schema's (one list, poorest first)."""
+    from typing import get_args
+
+    from mole.layers import RUN_MODES, RunMode
+    from mole.serve import schemas, service
+
+    assert RUN_MODES == ("base", "experts", "mole") == get_args(RunMode)
+    assert service.MODES is RUN_MODES and schemas.Mode is RunMode
