@@ -80,16 +80,6 @@ class ExpertWeights:
         return int(self.down.shape[0])
 
 
-def token_pool(x: torch.Tensor) -> torch.Tensor:
-    """Pool(X) of eq. 6: mean over every token axis of a feature-last tensor.
-
-    ``[B, d] -> [B, d]`` (one token per sample), ``[B, n, d] -> [B, d]``, ``[B, H, W, d] -> [B, d]``.
-    """
-    if x.dim() <= 2:
-        return x
-    return x.flatten(1, -2).mean(dim=1)
-
-
 class TimeSource(Protocol):
     """Where a timestep-conditioned layer reads the UNet's timestep embedding (:mod:`mole.timestep`)."""
 
