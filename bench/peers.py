@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mole.inject import Expert, apply_mole, mole_layers
+from mole.experts import Expert
+from mole.inject import apply_mole, mole_layers
 from mole.layers import ExpertWeights, MoLELayer
 
 #: Expert targets of the tiny and mid-size benchmarks: attention, feed-forward and the 1×1 conv projections.

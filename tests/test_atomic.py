@@ -45,31 +45,31 @@ def _tiny_gates(tiny_unet, write_expert):
 
 
 def test_gates_and_their_settings_are_committed_together(tiny_unet, write_expert, tmp_path, caplog, monkeypatch):
-    from mole import inject
-    from mole.inject import read_gate_settings, save_gates
+    from mole import gates_io
+    from mole.gates_io import read_gate_settings, save_gates
 
     unet = _tiny_gates(tiny_unet, write_expert)
     out = tmp_path / "gates-out"
     path = save_gates(unet, out / "gates.safetensors")
     assert sorted(p.name for p in out.iterdir()) == ["gates.json", "gates.safetensors"]  # no temporaries
     settings = read_gate_settings(path)
-    assert settings["gate"] == "global" and settings["experts"] == ["face", "hand"]
+    assert settings.gate == "global" and settings.experts == ("face", "hand")
     # An interrupted rewrite: the new sidecar landed, the weights (the commit point) did not. The weights'
     # own settings win, and the reader says why.
-    stale = {**settings, "gate": "local"}
+    stale = {**settings.to_json(), "gate": "local"}
     (out / "gates.json").write_text(json.dumps(stale))
-    with caplog.at_level(logging.WARNING, logger="mole.inject"):
-        assert read_gate_settings(path)["gate"] == "global"
+    with caplog.at_level(logging.WARNING, logger="mole.gates_io"):
+        assert read_gate_settings(path).gate == "global"
     assert "disagrees" in caplog.text
     # A write that fails part-way leaves the committed pair as it was.
     before = path.read_bytes()
-    original = inject.save_file
+    original = gates_io.save_file
 
     def broken(*args, **kwargs):
         original(*args, **kwargs)
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(inject, "save_file", broken)
+    monkeypatch.setattr(gates_io, "save_file", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         save_gates(unet, path)
     assert path.read_bytes() == before and not [p for p in out.iterdir() if atomic.is_temp(p)]

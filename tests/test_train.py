@@ -166,7 +166,7 @@ def test_stage_output_folders_stand_for_what_the_stage_wrote(stage1_model, exper
     """`--base OUT_OF_STAGE1`, `--model OUT_OF_STAGE1` and `--gates OUT_OF_GATES`: the product is found and named."""
     import logging
 
-    from mole.inject import save_gates
+    from mole.gates_io import save_gates
     from mole.outputs import gates_file, model_folder
 
     stage1_folder = stage1_model.parent

@@ -251,9 +251,9 @@ class ModelRef:
 
 def _gate_condition(gates: Path) -> str:
     """``none`` or ``timestep``: what the registered mixture's gates see besides the features."""
-    from mole.inject import read_gate_settings
+    from mole.gates_io import read_gate_settings
 
-    return str(read_gate_settings(gates).get("condition", "none"))
+    return read_gate_settings(gates).condition
 
 
 def _lora_file(folder: Path) -> Path:

@@ -137,11 +137,10 @@ def evaluate(settings: EvalSettings, output: str | os.PathLike[str]) -> dict[str
     report = {"label": settings.label or Path(settings.model).name, "settings": asdict(settings),
               "num_prompts": n, "repeats": settings.repeats, "scores": summary}  # fmt: skip
     if settings.gates:
-        from mole.inject import read_gate_settings
+        from mole.gates_io import read_gate_settings
 
         mix = read_gate_settings(settings.gates)
-        report["mixture"] = {"gate": mix["gate"], "condition": mix.get("condition", "none"),
-                             "experts": mix["experts"]}  # fmt: skip
+        report["mixture"] = {"gate": mix.gate, "condition": mix.condition, "experts": list(mix.experts)}
     _write_rows(out / "scores.csv", rows)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out / "report.md").write_text(compare_table([report]) + "\n", encoding="utf-8")

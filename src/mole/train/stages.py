@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mole.inject import apply_mole, write_gates
+from mole.gates_io import write_gates
+from mole.inject import apply_mole
 from mole.layers import MOLE_PREFIX
 from mole.train.config import ExpertConfig, GatesConfig, ModelConfig, Stage1Config, TrainConfig
 from mole.train.model import DiffusionModel
@@ -197,7 +198,7 @@ def build_expert(cfg: ExpertConfig, model_cfg: ModelConfig, base: str | os.PathL
 def build_gates(
     cfg: GatesConfig, model_cfg: ModelConfig, base: str | os.PathLike[str], experts: Mapping[str, str]
 ) -> Stage:
-    from mole.inject import ExpertError
+    from mole.experts import ExpertError
 
     base_path = _check_base(base)
     if not experts:
@@ -215,14 +216,14 @@ def build_gates(
     not_gates = [n for n in trainable if not any(p.startswith(MOLE_PREFIX) for p in n.split("."))]
     if not_gates:  # a guard, not an assert: it must hold under `python -O` too
         raise StageError(f"the gates stage would train non-gate parameters: {not_gates[:3]}")
-    mole_config = dict(unet.mole_config)
+    settings = unet.mole_settings
 
     def save(state: dict[str, torch.Tensor], output: Path) -> Path:
         gates = {k: v for k, v in _strip(state, "unet.").items() if f".{MOLE_PREFIX}" in k}
-        return write_gates(gates, mole_config, output / "gates.safetensors")
+        return write_gates(gates, settings, output / "gates.safetensors")
 
     info = {"gate": cfg.gate, "condition": cfg.condition, "experts": dict(experts),
-            "mole_layers": len(mole_config["target_modules"])}  # fmt: skip
+            "mole_layers": len(settings.target_modules)}  # fmt: skip
     return Stage("gates", model, vae, tokenizer, base_path, trainable, save, info)
 
 
