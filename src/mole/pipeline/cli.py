@@ -84,6 +84,8 @@ def run_local(
         typer.echo("  mole lineage --model models:/mole@candidate")
     if images:
         typer.echo(f"evaluation images: {images[-1]}  (report: {images[-1].parent / 'report.md'})")
+    if result.get("report"):
+        typer.echo(f"run report (data, images of every stage, losses, gates, scores): {result['report']}")
 
 
 @pipeline_app.command("submit")
