@@ -51,7 +51,8 @@ def run_local(
 ) -> None:
     """Run the whole DAG here through kfp.local on the embedded default (tiny model, synthetic data, CPU).
 
-    Tracks into mlruns/ (sqlite) unless MLFLOW_TRACKING_URI says otherwise.
+    Tracks into mlruns/ (sqlite) unless MLFLOW_TRACKING_URI says otherwise. On the embedded default it ends with
+    the run report (WORKSPACE/runs/JOB/report/index.html: data, every stage's images, losses, gates, scores).
     """
     import os
 
