@@ -12,6 +12,8 @@
 #   enough for the base to learn the kinds; experts longer; gates on a mix of the experts' close-ups. Latents
 #   are cached (cache_latents needs random_flip off), which makes a tiny step ~0.1 s.
 # Through the environment:
+#   CFG                           the recipe (default configs/tiny.yaml; configs/demo.yaml: the demo's batch sizes
+#                                 and learning rates, what the README's figures were measured with)
 #   STAGE1_STEPS, EXPERT_STEPS, GATE_STEPS, COUNT  lengths, and synthetic samples per kind
 #   EXPERTS="face hand feet"      the experts (default "face hand"); feet is the paper's footnote-4 third expert
 #   CONDITIONS="none timestep"    train a gate set per gates.condition, same seed and data (default "none")
@@ -24,7 +26,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 MOLE="${MOLE:-$ROOT/.venv/bin/mole}"
 PY="${PY:-$ROOT/.venv/bin/python}"
-CFG="$ROOT/configs/tiny.yaml"
+CFG="${CFG:-$ROOT/configs/tiny.yaml}"
 WORK="${1:-out/gate-spec}"
 STAGE1_STEPS="${STAGE1_STEPS:-1500}"
 EXPERT_STEPS="${EXPERT_STEPS:-600}"

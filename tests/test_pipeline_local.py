@@ -80,6 +80,9 @@ def test_local_run_tracks_the_lineage_chain(tracked: Path) -> None:
     assert len(list((workdir / "evaluate" / "images").rglob("*.png"))) == 6  # 3 prompts × 2 repeats
     assert len(list((workdir / "evaluate-stage1" / "images").rglob("*.png"))) == 6  # the baseline, the same
     assert result["seconds"] > 0
+    # The run report: one page, also stored on the parent run.
+    assert Path(result["report"]) == workdir / "report" / "index.html" and Path(result["report"]).is_file()
+    assert "report/index.html" in {a.path for a in client.list_artifacts(parent[0].info.run_id, "report")}
 
 
 def test_a_failed_run_marks_the_parent_failed(tracked: Path) -> None:

@@ -3,11 +3,13 @@ MoLE side by side for the same seed, with the MoLE image's gate values plotted."
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from tests.serve_helpers import build_tiny_mole, serve
 
 from mole.generate import load_pipeline
@@ -42,7 +44,8 @@ def test_page_shows_base_and_mole_side_by_side(server, tmp_path: Path) -> None:
             page.goto(server.url + "/")
             page.wait_for_function("document.getElementById('width').value === '64'")  # /v1/info has answered
             assert "base, experts, mole" in page.inner_text("#status")
-            page.fill("#prompt", "a close-up photo of a smiling woman waving her hand")
+            # The page as first opened: the prompt box holds the example, so Generate works without typing.
+            assert page.input_value("#prompt") == "a close-up photo of a smiling woman waving her hand"
             page.fill("#steps", "2")
             page.fill("#seed", "5")
             page.click("#generate")
@@ -66,6 +69,21 @@ def test_page_shows_base_and_mole_side_by_side(server, tmp_path: Path) -> None:
             assert "face (global)" in page.inner_text("#legend")
             assert page.inner_text("#error") == ""
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+            # Gates of two experts that coincide exactly (as untrained or saturated gates do): both colours show.
+            page.evaluate("plotGates({experts: ['face', 'hand'], global: [[0.6, 0.6], [0.6, 0.6]], local: []})")
+            plot = Image.open(io.BytesIO(page.locator("#gate-plot").screenshot())).convert("RGB")
+            for expert, color in (("face", (0xD9, 0x48, 0x0F)), ("hand", (0x1C, 0x7E, 0xD6))):
+                assert _pixels_near(plot, color) > 50, f"the {expert} gate lines are hidden"
+
+            # An emptied prompt box sends the example (the placeholder), not an empty prompt.
+            page.fill("#prompt", "")
+            page.click("#generate")
+            page.wait_for_function(
+                "() => { const c = document.getElementById('caption-mole');"
+                " return c && c.textContent.includes('seed'); }",
+                timeout=60_000,
+            )
+            assert page.inner_text("#error") == ""
 
             # A bad field is shown, not swallowed.
             page.fill("#width", "65")
@@ -75,3 +93,8 @@ def test_page_shows_base_and_mole_side_by_side(server, tmp_path: Path) -> None:
             assert not errors, errors
         finally:
             browser.close()
+
+
+def _pixels_near(image: Image.Image, color: tuple[int, int, int], tolerance: int = 30) -> int:
+    """How many pixels of ``image`` lie within ``tolerance`` (per channel) of ``color``."""
+    return sum(1 for px in image.getdata() if all(abs(a - b) <= tolerance for a, b in zip(px, color, strict=True)))

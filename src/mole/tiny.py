@@ -3,9 +3,9 @@
 Every part has the SD1.5 architecture (a cross-attention UNet whose transformer blocks use 1×1 conv
 ``proj_in``/``proj_out``, an 8× down-sampling VAE, a CLIP text encoder with a real byte-level BPE
 tokenizer, the SD1.5 noise schedule) at a size that runs a 64×64 image in a fraction of a second on a
-laptop CPU. Nothing is downloaded: the weights come from a seeded random init and the tokenizer's
-vocabulary is written by this module. The random VAE is calibrated to encode like a trained one (see
-:func:`_calibrate_vae`), so that the image content survives into the latents. The result is a standard
+laptop CPU. Nothing is downloaded: UNet and text encoder come from a seeded random init and the tokenizer's
+vocabulary is written by this module. The VAE is trained on the synthetic kinds and ships with the package
+(:mod:`mole.tiny_vae`): a random one decodes whatever the UNet learns to noise. The result is a standard
 diffusers folder, so the rest of the system (and plain ``diffusers.StableDiffusionPipeline.from_pretrained``)
 treats it like SD1.5.
 """
@@ -130,43 +130,21 @@ def write_tokenizer(folder: str | os.PathLike[str]) -> Path:
     return folder
 
 
-#: Log-variance of the tiny VAE's posterior: std e^-10 ≈ 4.5e-5, negligible next to the latents' spread.
-_TINY_VAE_LOGVAR = -20.0
-
-
-def _calibrate_vae(vae) -> None:
-    """Make the random VAE encode like a trained one: a near-deterministic posterior, latents of unit spread.
-
-    A randomly initialised ``AutoencoderKL`` has log-variance ≈ 0, so its posterior std (≈ 0.93) is about four
-    times the spread of its means over images (≈ 0.26); with SD1.5's ``scaling_factor`` 0.18215 the image then
-    sits at std ≈ 0.05 under posterior noise of std ≈ 0.17 in every training latent, and the UNet cannot learn
-    what a face or a hand looks like (so experts cannot specialise and gates have nothing to tell apart). A
-    trained SD VAE has a posterior std far below its latents' spread, and SD's scaling factor is 1 / that
-    spread. So the log-variance half of ``quant_conv`` is set to a constant :data:`_TINY_VAE_LOGVAR`, and
-    ``scaling_factor`` to 1 / std of the means over a fixed set of synthetic images of every kind, as SD's
-    0.18215 was computed. Deterministic: the synthetic images are seeded and drawing them uses no torch RNG.
-    """
-    from mole.data.synthetic import KINDS, draw_sample
-
-    c = vae.config.latent_channels
-    with torch.no_grad():
-        vae.quant_conv.weight[c:].zero_()
-        vae.quant_conv.bias[c:].fill_(_TINY_VAE_LOGVAR)
-        images = [draw_sample(kind, i, seed=1, size=TINY_RESOLUTION)[0] for kind in sorted(KINDS) for i in range(8)]
-        pixels = torch.stack([torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8) for im in images])
-        pixels = pixels.view(len(images), TINY_RESOLUTION, TINY_RESOLUTION, 3).permute(0, 3, 1, 2).float() / 127.5 - 1
-        spread = vae.encode(pixels).latent_dist.mean.std().item()
-    vae.register_to_config(scaling_factor=round(1.0 / spread, 5))
-
-
-def build_tiny_pipeline(seed: int = 0):  # -> diffusers.StableDiffusionPipeline
+def build_tiny_pipeline(
+    seed: int = 0, vae_weights: str | os.PathLike[str] | None = None
+):  # -> diffusers.StableDiffusionPipeline
     """Build the tiny SD1.x pipeline in memory, deterministically from ``seed``.
+
+    The UNet and text encoder are seeded random inits (what the stages train); the VAE is the trained one shipped
+    with the package (:mod:`mole.tiny_vae`), or ``vae_weights`` when given (a file of ``mole tiny vae``).
 
     Returns:
         A ``diffusers.StableDiffusionPipeline`` in float32 on CPU, without a safety checker.
     """
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from mole.tiny_vae import load_shipped_vae, vae_config
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer(tmp))
@@ -189,19 +167,9 @@ def build_tiny_pipeline(seed: int = 0):  # -> diffusers.StableDiffusionPipeline
             norm_num_groups=32,
             use_linear_projection=False,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(16, 32, 32, 32),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            layers_per_block=1,
-            norm_num_groups=8,
-            sample_size=TINY_RESOLUTION,
-            scaling_factor=0.18215,  # replaced below by the calibrated value
-        )
-        _calibrate_vae(vae)
+        vae = AutoencoderKL(**vae_config())
+        # Trained on the synthetic kinds (mole.tiny_vae): a random VAE decodes everything the UNet learns to noise.
+        load_shipped_vae(vae, vae_weights)
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 vocab_size=vocab_size,
@@ -241,13 +209,17 @@ def build_tiny_pipeline(seed: int = 0):  # -> diffusers.StableDiffusionPipeline
     )
 
 
-def init_tiny_model(output: str | os.PathLike[str], seed: int = 0, overwrite: bool = False) -> Path:
+def init_tiny_model(
+    output: str | os.PathLike[str], seed: int = 0, overwrite: bool = False,
+    vae_weights: str | os.PathLike[str] | None = None,
+) -> Path:  # fmt: skip
     """Write the tiny pipeline as a standard diffusers folder.
 
     Args:
         output: Folder to create. It must not already hold a model unless ``overwrite`` is set.
         seed: Seed of the random initialisation; the same seed gives bit-identical weights.
         overwrite: Replace an existing model folder.
+        vae_weights: Trained VAE weights of ``mole tiny vae`` (default: the ones shipped with the package).
 
     Returns:
         The folder path.
@@ -255,7 +227,7 @@ def init_tiny_model(output: str | os.PathLike[str], seed: int = 0, overwrite: bo
     output = Path(output)
     if (output / "model_index.json").exists() and not overwrite:
         raise FileExistsError(f"{output} already holds a model (model_index.json); pass overwrite to replace it")
-    pipe = build_tiny_pipeline(seed=seed)
+    pipe = build_tiny_pipeline(seed=seed, vae_weights=vae_weights)
     pipe.save_pretrained(output, safe_serialization=True)
     logger.info("wrote tiny Stable Diffusion model to %s", output)
     return output

@@ -387,6 +387,22 @@ def finish_pipeline_run(job_id: str, state: str, error: str | None = None) -> st
     return run_id
 
 
+def log_pipeline_artifacts(job_id: str, folder: str | os.PathLike[str], artifact_path: str) -> str | None:
+    """Store ``folder`` (the run report) as artifacts of the parent run of ``job_id``. Returns its run id, or None
+    when that job has no parent run."""
+    mlflow = _mlflow()
+    experiment = mlflow.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+    if experiment is None:
+        return None
+    client = _client()
+    found = client.search_runs([experiment.experiment_id], f"tags.`{PIPELINE_TAG}` = '{job_id}'", max_results=1)
+    if not found:
+        return None
+    run_id = found[0].info.run_id
+    client.log_artifacts(run_id, str(folder), artifact_path)
+    return run_id
+
+
 # --- promotion ---------------------------------------------------------------------------------------------
 
 

@@ -53,7 +53,8 @@ def run_local(
 ) -> None:
     """Run the whole DAG here through kfp.local on the embedded default (tiny model, synthetic data, CPU).
 
-    Tracks into mlruns/ (sqlite) unless MLFLOW_TRACKING_URI says otherwise.
+    Tracks into mlruns/ (sqlite) unless MLFLOW_TRACKING_URI says otherwise. On the embedded default it ends with
+    the run report (WORKSPACE/runs/JOB/report/index.html: data, every stage's images, losses, gates, scores).
     """
     import os
 
@@ -86,6 +87,8 @@ def run_local(
         typer.echo("  mole lineage --model models:/mole@candidate")
     if images:
         typer.echo(f"evaluation images: {images[-1]}  (report: {images[-1].parent / 'report.md'})")
+    if result.get("report"):
+        typer.echo(f"run report (data, images of every stage, losses, gates, scores): {result['report']}")
 
 
 @pipeline_app.command("submit")

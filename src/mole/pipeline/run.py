@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 #: The embedded default: tiny model, synthetic data, CLIP score with a tiny CLIP, everything on CPU in minutes.
 EMBEDDED_PARAMS: dict[str, Any] = {
-    "config": "configs/tiny.yaml", "base_model": "tiny", "data_source": "synthetic", "synthetic_count": 32,
+    "config": "configs/demo.yaml", "base_model": "tiny", "data_source": "synthetic", "synthetic_count": 32,
     "scorers": "clip", "num_prompts": 8, "repeats": 3, "eval_steps": 4, "promote_metric": "clip", "gpus": 1,
 }  # fmt: skip
 
@@ -151,7 +151,26 @@ def run_local(
     started = time.monotonic()
     func(**args)
     seconds = time.monotonic() - started
-    return {"seconds": seconds, "workspace": str(workspace), "params": args, "promotion": _promotion(workspace)}
+    report = demo_report(workspace) if args.get("base_model") == "tiny" else None
+    return {"seconds": seconds, "workspace": str(workspace), "params": args, "promotion": _promotion(workspace),
+            "report": str(report or "")}  # fmt: skip
+
+
+def demo_report(workspace: Path) -> Path | None:
+    """The page a person looks at after a local run (:func:`mole.evaluate.report.build_report`) for the newest run
+    under ``workspace``, also stored as artifacts of the pipeline's parent MLflow run. None when no run is there."""
+    from mole import tracking
+    from mole.evaluate.report import build_report
+
+    runs = sorted((workspace / "runs").glob("*/stage1"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        return None
+    workdir = runs[-1].parent
+    page = build_report(workdir)
+    if tracking.enabled():
+        run_id = tracking.log_pipeline_artifacts(workdir.name, page.parent, "report")
+        logger.info("run report logged to MLflow run %s (artifacts/report/index.html)", run_id)
+    return page
 
 
 def _promotion(workspace: Path) -> str:
