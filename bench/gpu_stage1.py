@@ -52,7 +52,8 @@ def write_model(folder: Path, tiny: bool = False, size: str = "sd15") -> Path:
     """A diffusers folder with SD1.5's architecture (UNet, CLIP text encoder, VAE) and random weights at
     ``size`` (``sd15`` or ``small``, see :data:`SIZES`); or the embedded default with ``tiny``. The tokenizer
     is mole's small BPE one: the token ids fit CLIP's vocabulary."""
-    from mole.tiny import init_tiny_model, write_tokenizer
+    from mole.tiny import init_tiny_model
+    from mole.tokenizer import write_tokenizer
 
     if tiny:
         return init_tiny_model(folder, overwrite=True)

@@ -177,3 +177,11 @@ def test_the_cli_is_one_module_per_sub_app() -> None:
     assert {"scenes", "faces", "hands", "train-filter"} <= set(group.commands["curate"].commands)
     for module in (REPO / "src" / "mole" / "cli").glob("*.py"):
         assert len(module.read_text(encoding="utf-8").splitlines()) < 300, module
+
+
+def test_curation_and_scorers_tokenize_without_the_toy_model() -> None:
+    """The CLIP tokenizer pieces live in mole.tokenizer; captions and the scorers do not import mole.tiny."""
+    graph = import_graph([(REPO / "src" / "mole", REPO / "src")])
+    for module in ("mole.data.captions", "mole.evaluate.scorers.openai_clip"):
+        assert "mole.tokenizer" in graph[module] and "mole.tiny" not in graph[module], module
+    assert "mole.tokenizer" in graph["mole.tiny"]

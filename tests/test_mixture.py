@@ -70,7 +70,7 @@ def test_mixture_sampler_holds_the_weights_exactly_and_resumes() -> None:
 
 
 def test_dataset_concatenates_named_sources(sources) -> None:
-    from mole.tiny import write_tokenizer
+    from mole.tokenizer import write_tokenizer
     from mole.train.data import ImageCaptionDataset
 
     tmp = sources["scenes"].parent / "tok"
