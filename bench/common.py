@@ -164,3 +164,16 @@ def update_results(section: str, payload: dict[str, Any], path: Path = LATEST_JS
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return data
+
+
+def window_throughput(metrics_file: Path) -> dict[str, Any]:
+    """Samples/s over a run's logging windows (``metrics.jsonl``): the median, the first window left out."""
+    windows = [
+        row["samples_per_second"]
+        for row in map(json.loads, metrics_file.read_text(encoding="utf-8").splitlines())
+        if "samples_per_second" in row
+    ]
+    if not windows:
+        raise ValueError(f"{metrics_file} has no samples_per_second rows")
+    steady = windows[1:] or windows
+    return {"samples_per_second": statistics.median(steady), "windows": len(steady)}

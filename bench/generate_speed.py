@@ -52,7 +52,8 @@ def sd15_pipeline(device: str, dtype: torch.dtype, seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from bench.peers import SIZES, build_unet
-    from mole.tiny import build_tiny_pipeline, write_tokenizer
+    from mole.tiny import build_tiny_pipeline
+    from mole.tokenizer import write_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer(tmp))  # the BPE pieces; ids fit any CLIP vocab

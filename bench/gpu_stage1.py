@@ -52,7 +52,8 @@ def write_model(folder: Path, tiny: bool = False, size: str = "sd15") -> Path:
     """A diffusers folder with SD1.5's architecture (UNet, CLIP text encoder, VAE) and random weights at
     ``size`` (``sd15`` or ``small``, see :data:`SIZES`); or the embedded default with ``tiny``. The tokenizer
     is mole's small BPE one: the token ids fit CLIP's vocabulary."""
-    from mole.tiny import init_tiny_model, write_tokenizer
+    from mole.tiny import init_tiny_model
+    from mole.tokenizer import write_tokenizer
 
     if tiny:
         return init_tiny_model(folder, overwrite=True)
@@ -108,7 +109,7 @@ SECTIONS = {"stage1": "stage1", "expert": "experts.face", "gates": "gates"}
 def run_mole(args: argparse.Namespace) -> dict[str, Any]:
     """One stage through :func:`mole.train.train_stage` with configs/paper.yaml's settings (its speed switches
     included), at this run's resolution, steps and micro-batch; ``--set`` overrides anything."""
-    from bench.train_throughput import window_throughput
+    from bench.common import window_throughput
     from mole.train import load_config, train_stage
     from mole.train.config import parse_overrides
 

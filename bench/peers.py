@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mole.inject import Expert, apply_mole, mole_layers
-from mole.layers import ExpertWeights, MoLELayer, token_pool
+from mole.experts import Expert
+from mole.inject import apply_mole, mole_layers
+from mole.layers import ExpertWeights, MoLELayer
 
 #: Expert targets of the tiny and mid-size benchmarks: attention, feed-forward and the 1×1 conv projections.
 ATTN_FF_PROJ = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
@@ -201,7 +202,8 @@ class NaiveMoLELayer(nn.Module):
         out = self.base(x)
         feats = x.movedim(1, -1) if self.is_conv else x  # [B, *tokens, d]
         s = torch.sigmoid(self.local(feats))  # [B, *tokens, N]
-        g = torch.sigmoid(self.glob(token_pool(feats)))  # [B, N]; a 2-D input (time embedding) is its own pool
+        pooled = feats if feats.dim() <= 2 else feats.flatten(1, -2).mean(dim=1)  # Pool(X) of eq. 6: [B, d]
+        g = torch.sigmoid(self.glob(pooled))  # [B, N]; a 2-D input (time embedding) is its own pool
         if self.is_conv:
             s = s.movedim(-1, 1)  # [B, N, H, W]
         for i, (a, b) in enumerate(zip(self.downs, self.ups, strict=True)):

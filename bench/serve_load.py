@@ -41,7 +41,8 @@ def build_tiny_mole(folder: Path) -> tuple[Path, dict[str, Path], Path]:
     from safetensors.torch import save_file
     from torch import nn
 
-    from mole.inject import apply_mole, save_gates
+    from mole.gates_io import save_gates
+    from mole.inject import apply_mole
     from mole.tiny import init_tiny_model
 
     model = init_tiny_model(folder / "model", seed=0)

@@ -19,7 +19,6 @@ import argparse
 import json
 import logging
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,25 +26,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import update_results
+from bench.common import update_results, window_throughput
 
 logger = logging.getLogger("bench.train_throughput")
 REPO = Path(__file__).resolve().parent.parent
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 ZERO2 = REPO / "configs" / "accelerate" / "zero2.yaml"
-
-
-def window_throughput(metrics_file: Path) -> dict[str, Any]:
-    """Samples/s over a run's logging windows (``metrics.jsonl``): the median, the first window left out."""
-    windows = [
-        row["samples_per_second"]
-        for row in map(json.loads, metrics_file.read_text(encoding="utf-8").splitlines())
-        if "samples_per_second" in row
-    ]
-    if not windows:
-        raise ValueError(f"{metrics_file} has no samples_per_second rows")
-    steady = windows[1:] or windows
-    return {"samples_per_second": statistics.median(steady), "windows": len(steady)}
 
 
 def _stage_overrides(section: str, steps: int, log_every: int) -> dict[str, Any]:

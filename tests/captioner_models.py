@@ -116,7 +116,7 @@ def build_clip(folder: Path, seed: int = 0) -> Path:
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from mole.tiny import write_tokenizer
+    from mole.tokenizer import write_tokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer(folder / "tokenizer"))
     text = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,

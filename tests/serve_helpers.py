@@ -21,7 +21,8 @@ def build_tiny_mole(model_dir: Path, folder: Path) -> tuple[dict[str, Path], Pat
     """Two LoRA experts written by diffusers (``save_lora_weights``) and a gates file with known biases."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    from mole.inject import apply_mole, save_gates
+    from mole.gates_io import save_gates
+    from mole.inject import apply_mole
 
     experts: dict[str, Path] = {}
     for name, seed in (("face", 1), ("hand", 2)):

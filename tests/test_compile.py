@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 
 from mole.cli import app
 from mole.compile import CompiledForward, compile_unet
+from mole.gates_io import save_gates
 from mole.generate import generate, load_pipeline
-from mole.inject import apply_mole, save_gates
+from mole.inject import apply_mole
 
 runner = CliRunner()
 

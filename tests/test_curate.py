@@ -181,6 +181,8 @@ def test_cli_names_each_reason_and_exits_zero(messy, tmp_path) -> None:
 
 def test_curate_to_s3_and_train_from_it(messy, s3_server, tiny_model_dir, tmp_path, monkeypatch) -> None:
     """Local folder -> curated dataset in a real S3 bucket -> back through storage -> the trainer reads s3://."""
+    from tests import storage_probes as probes
+
     from mole import storage
     from mole.data.shards import read_index
     from mole.train import load_config, train_stage
@@ -197,7 +199,7 @@ def test_curate_to_s3_and_train_from_it(messy, s3_server, tiny_model_dir, tmp_pa
     result = runner.invoke(app, ["curate", "scenes", "--input", str(root), "--output", "s3://curated/scenes",
                                  "--config", str(config), "--workers", "1"])  # fmt: skip
     assert result.exit_code == 0, result.output
-    uris = storage.list_uris("s3://curated/scenes")
+    uris = probes.list_uris("s3://curated/scenes")
     assert "s3://curated/scenes/dataset.json" in uris and "s3://curated/scenes/manifest.jsonl" in uris
     local = storage.localize("s3://curated/scenes", tmp_path / "back")
     index = read_index(local)

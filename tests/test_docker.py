@@ -110,7 +110,7 @@ def test_chart_and_images_follow_the_package_version() -> None:
     chart = yaml.safe_load((REPO / "helm" / "mole" / "Chart.yaml").read_text())
     assert chart["appVersion"] == version == arg_default(DOCKERFILE, "VERSION")
     values = yaml.safe_load((REPO / "helm" / "mole" / "values.yaml").read_text())
-    constants = REPO / "components" / "constants.py"
+    constants = REPO / "src" / "mole" / "pipeline" / "components" / "constants.py"
     if constants.is_file():  # the pipeline's steps and the chart name the same image
         (repository,) = re.findall(r'IMAGE_REPOSITORY = "([^"]+)"', constants.read_text())
         assert values["image"]["repository"] == repository
@@ -121,6 +121,6 @@ def test_build_context_holds_what_the_image_installs() -> None:
     lines = (REPO / ".dockerignore").read_text().splitlines()
     assert "*" in lines  # everything else stays out
     allowed = [line[1:].rstrip("/") for line in lines if line.startswith("!")]
-    for needed in ("pyproject.toml", "README.md", "src", "configs", "pipelines", "components"):
+    for needed in ("pyproject.toml", "README.md", "src", "configs", "pipelines"):
         assert needed in allowed, needed
         assert (REPO / needed).exists(), needed

@@ -36,7 +36,8 @@ def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def mole_parts(tiny_model_dir: Path, write_expert, tmp_path: Path) -> tuple[dict[str, Path], Path]:
     from diffusers import UNet2DConditionModel
 
-    from mole.inject import apply_mole, save_gates
+    from mole.gates_io import save_gates
+    from mole.inject import apply_mole
 
     experts = {"face": write_expert("face"), "hand": write_expert("hand", seed=2)}
     unet = apply_mole(UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet"), experts)

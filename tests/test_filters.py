@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 from PIL import ImageFilter as PILFilter
 
+from mole.data.filtering import build_filters, run_filters
 from mole.data.filters import (
     BlurFilter,
     Box,
@@ -19,8 +20,6 @@ from mole.data.filters import (
     FilterResult,
     HandDetector,
     ImageFilter,
-    build_filters,
-    run_filters,
     square_crop_around,
 )
 from mole.data.person import PersonFilter

@@ -7,8 +7,8 @@ import json
 import torch
 
 from mole.evaluate.gates import gate_statistics, plot_gate_statistics
+from mole.gates_io import save_gates
 from mole.generate import load_pipeline
-from mole.inject import save_gates
 
 
 def test_gate_statistics_and_plots(tiny_model_dir, write_expert, tmp_path) -> None:

@@ -12,17 +12,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tests.conftest import make_peft_expert, unet_inputs
 
-from mole.inject import (
-    ExpertError,
-    apply_mole,
-    apply_mole_from_gates,
-    load_expert,
-    load_gates,
-    mole_layers,
-    record_gates,
-    remove_mole,
-    save_gates,
-)
+from mole.experts import ExpertError, load_expert
+from mole.gates_io import load_gates, save_gates
+from mole.inject import apply_mole, apply_mole_from_gates, mole_layers, record_gates, remove_mole
 
 
 def _lora_layer_count(path: Path) -> int:

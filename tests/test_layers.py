@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.reference_layer import token_pool  # Pool(X) of eq. 6 written plainly: the check
 from torch import nn
 
-from mole.layers import ExpertWeights, MoLELayer, token_pool
+from mole.layers import ExpertWeights, MoLELayer
 
 D_IN, D_OUT = 12, 10
 

@@ -70,7 +70,7 @@ def test_mixture_sampler_holds_the_weights_exactly_and_resumes() -> None:
 
 
 def test_dataset_concatenates_named_sources(sources) -> None:
-    from mole.tiny import write_tokenizer
+    from mole.tokenizer import write_tokenizer
     from mole.train.data import ImageCaptionDataset
 
     tmp = sources["scenes"].parent / "tok"
@@ -110,7 +110,7 @@ def test_stage1_trains_on_the_mixture_and_records_every_digest(tiny_model_dir, s
 def test_lineage_logs_each_source(sources) -> None:
     """Every source's digest reaches the tracking run (a recorder stands in for MLflow's client here)."""
     from mole.data.shards import read_index
-    from mole.train import _record_lineage
+    from mole.train.orchestrate import _record_lineage
 
     class Recorder:
         def __init__(self) -> None:

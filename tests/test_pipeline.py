@@ -184,7 +184,7 @@ def test_parameters_are_typed() -> None:
         parse_params(["stage1_max_steps=five"], declared)
     with pytest.raises(ValueError, match="expected a JSON object"):
         parse_params(["node_selector=[1]"], declared)
-    with pytest.raises(ValueError, match="not KEY=VALUE"):
+    with pytest.raises(ValueError, match="must look like KEY=VALUE"):
         parse_params(["gate"], declared)
 
 
@@ -235,7 +235,7 @@ def test_stage1_and_gates_train_on_every_data_step() -> None:
 
 
 def test_components_can_pin_the_image_by_digest(tmp_path: Path) -> None:
-    from components.constants import image_reference
+    from mole.pipeline.components.constants import image_reference
 
     digest = "sha256:" + "0f" * 32
     assert image_reference({"MOLE_IMAGE_DIGEST": digest}) == f"ghcr.io/mole-project/mole@{digest}"
@@ -255,3 +255,55 @@ def test_components_can_pin_the_image_by_digest(tmp_path: Path) -> None:
     )
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert all(digest in i or "image" in i for i in images), images
+
+
+def test_the_gates_step_hands_back_each_result_under_its_own_name() -> None:
+    """`model` (the registered version, "" with tracking off) goes to evaluation and promotion, `gates` (the gates
+    file) to evaluation only: no output means a URI under one setting and a file under another."""
+    spec, _ = _load(PACKAGE)
+    tasks = _tasks(spec)
+    gates_comp = spec["components"][tasks["gates"][0]["componentRef"]["name"]]
+    assert set(gates_comp["outputDefinitions"]["parameters"]) == {"model", "gates"}
+    evaluate = tasks["evaluate"][0]["inputs"]["parameters"]
+    assert evaluate["model"]["taskOutputParameter"]["outputParameterKey"] == "model"
+    assert evaluate["gates"]["taskOutputParameter"]["outputParameterKey"] == "gates"
+    promote = tasks["promote"][0]["inputs"]["parameters"]
+    assert promote["model"]["taskOutputParameter"]["outputParameterKey"] == "model"
+
+
+def test_the_pipeline_is_an_importable_part_of_the_package(tmp_path: Path) -> None:
+    """Compiled from a folder that is not the checkout, with no MOLE_HOME: no sys.path edit, no file loading."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MOLE_HOME", "MOLE_IMAGE")}
+    env["PYTHONPATH"] = str(ROOT / "src")  # the package alone: neither components/ nor pipelines/ on the path
+    out = tmp_path / "elsewhere.yaml"
+    code = (
+        "import sys; from mole.pipeline import dsl, components; from mole.pipeline.run import compile_pipeline; "
+        f"compile_pipeline({str(out)!r}); "
+        "assert not any(p.endswith(('components', 'pipelines')) for p in sys.path), sys.path"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True, capture_output=True)
+    assert out.read_text() == PACKAGE.read_text()
+
+
+def test_config_presets_resolve_from_any_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`configs/paper.yaml` (the pipeline's default `config`) names the preset the package ships."""
+    from mole.pipeline import steps
+    from mole.presets import available, resolve
+    from mole.train import load_config
+
+    monkeypatch.delenv("MOLE_HOME", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert {"configs/paper.yaml", "configs/tiny.yaml", "configs/curate.yaml", "configs/accelerate/zero2.yaml"} <= set(
+        available()
+    )
+    assert resolve("configs/tiny.yaml").read_text() == (ROOT / "configs" / "tiny.yaml").read_text()
+    assert load_config("configs/paper.yaml").model.base  # the recipe, validated
+    args = steps.mole_train_args("stage1", "configs/paper.yaml", "d", "", tmp_path / "o")
+    assert Path(args[args.index("--config") + 1]).is_absolute()  # a multi-node pod runs elsewhere
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "tiny.yaml").write_text("seed: 7\n")
+    assert resolve("configs/tiny.yaml") == Path("configs/tiny.yaml")  # a local file wins over the preset
+    with pytest.raises(FileNotFoundError, match=r"shipped presets.*configs/paper\.yaml"):
+        resolve("configs/nope.yaml")
+    with pytest.raises(FileNotFoundError):
+        resolve("configs/../pyproject.toml")

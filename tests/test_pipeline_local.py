@@ -70,8 +70,10 @@ def test_local_run_tracks_the_lineage_chain(tracked: Path) -> None:
     assert set(by_stage) >= {"gates", "stage1", "expert:face", "expert:hand", "curate:scenes"}
     assert by_stage["gates"]["upstream"]["expert_face"] == stages["expert:face"].info.run_id
     assert by_stage["expert:face"]["upstream"]["base"] == stages["stage1"].info.run_id
-    assert by_stage["stage1"]["upstream"]["curate"] == stages["curate:scenes"].info.run_id
-    assert by_stage["stage1"]["datasets"][0]["name"] == "synthetic-scenes"
+    # Stage 1 trains on the mixture (issue 17): one upstream curation run and one dataset per source.
+    for kind in ("scenes", "faces", "hands"):
+        assert by_stage["stage1"]["upstream"][f"curate.{kind}"] == stages[f"curate:{kind}"].info.run_id
+    assert {d["name"] for d in by_stage["stage1"]["datasets"]} >= {"synthetic-scenes", "synthetic-faces"}
     # Evaluation: its scores on the registered version; images on disk.
     assert float(candidate.tags["mole.metric.clip"]) >= 0.0
     workdir = next((tracked / "ws" / "runs").iterdir())

@@ -16,7 +16,8 @@ def _fake_run(workdir: Path, tiny_model_dir: Path, write_expert) -> None:
     from diffusers import UNet2DConditionModel
 
     from mole.data.synthetic import write_dataset
-    from mole.inject import apply_mole, save_gates
+    from mole.gates_io import save_gates
+    from mole.inject import apply_mole
     from mole.tiny import init_tiny_clip
 
     shutil.copytree(tiny_model_dir, workdir / "embedded" / "model")

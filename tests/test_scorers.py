@@ -68,7 +68,7 @@ def _randomize(module: torch.nn.Module, seed: int) -> None:
 
 @pytest.fixture(scope="module")
 def clip_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mole.tiny import write_tokenizer
+    from mole.tokenizer import write_tokenizer
 
     return write_tokenizer(tmp_path_factory.mktemp("clip-tokenizer"))
 
@@ -252,7 +252,7 @@ def test_hps_accepts_transformers_folder(tmp_path: Path, hps_v1_files, clip_toke
 
 def test_clip_tokenizer_from_bpe_gz(tmp_path: Path, clip_tokenizer_dir: Path) -> None:
     """CLIP's own merges file (as shipped in clip/open_clip) gives the same ids as the tokenizer folder."""
-    from mole.tiny import build_vocab
+    from mole.tokenizer import build_vocab
 
     vocab, merges = build_vocab()
     assert len(vocab) == 512 + len(merges) + 2  # the layout the .gz loader rebuilds

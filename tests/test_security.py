@@ -53,11 +53,11 @@ def test_one_redaction_everywhere() -> None:
     from mole.serve import service
 
     assert storage.redact is security.redact and service.redact is security.redact
-    assert tracking.redact_text is security.redact
+    assert tracking.redact is security.redact
 
 
 def test_params_never_store_uri_credentials(monkeypatch) -> None:
-    from mole.tracking import redact
+    from mole.tracking import redact_params as redact
 
     monkeypatch.setenv("MOLE_TEST_TOKEN", "tok-abcdef-123")
     flat = redact({"output": f"s3://user:{PASSWORD}@bucket/x", "data": {"paths": ["http://u:tok-abcdef-123@h/d"]},

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests import storage_probes as probes
 
 from mole import storage
 from mole.storage import StorageError, StorageNotFoundError
@@ -110,12 +111,12 @@ def test_client_uses_environment_endpoint_and_retry_settings(s3_server, monkeypa
 
 def test_file_and_text_round_trip(bucket: str, tmp_path: Path) -> None:
     uri = f"s3://{bucket}/runs/r 1/caf\u00e9.txt"
-    assert not storage.exists(uri)
-    storage.write_text(uri, "h\u00e9llo\n")
-    assert storage.read_text(uri) == "h\u00e9llo\n"
-    assert storage.exists(uri)
-    assert storage.exists(f"s3://{bucket}/runs")  # a prefix with objects counts as existing
-    assert not storage.exists(f"s3://{bucket}/run")  # ...but not a mere string prefix of one
+    assert not probes.exists(uri)
+    probes.write_text(uri, "h\u00e9llo\n")
+    assert probes.read_text(uri) == "h\u00e9llo\n"
+    assert probes.exists(uri)
+    assert probes.exists(f"s3://{bucket}/runs")  # a prefix with objects counts as existing
+    assert not probes.exists(f"s3://{bucket}/run")  # ...but not a mere string prefix of one
 
     src = tmp_path / "blob.bin"
     src.write_bytes(os.urandom(70_000))
@@ -123,12 +124,12 @@ def test_file_and_text_round_trip(bucket: str, tmp_path: Path) -> None:
     dest = storage.download_file(f"s3://{bucket}/runs/blob.bin", tmp_path / "back" / "blob.bin")
     assert dest.read_bytes() == src.read_bytes()
     assert not list(tmp_path.rglob("*.part"))
-    assert storage.list_uris(f"s3://{bucket}/runs/") == [f"s3://{bucket}/runs/blob.bin", uri]
+    assert probes.list_uris(f"s3://{bucket}/runs/") == [f"s3://{bucket}/runs/blob.bin", uri]
 
     local = tmp_path / "local" / "note.txt"  # the same calls on local paths
-    storage.write_text(local, "x")
-    assert storage.read_text(local) == "x"
-    assert storage.list_uris(tmp_path / "local") == [str(local)]
+    probes.write_text(local, "x")
+    assert probes.read_text(local) == "x"
+    assert probes.list_uris(tmp_path / "local") == [str(local)]
 
 
 def test_local_paths_take_the_same_calls(tmp_path: Path) -> None:
@@ -139,7 +140,7 @@ def test_local_paths_take_the_same_calls(tmp_path: Path) -> None:
     assert storage.download_dir(dest, tmp_path / "again") == tmp_path / "again"
     assert read_tree(tmp_path / "again") == TREE
     storage.upload_file(src / "dataset.json", str(tmp_path / "one" / "d.json"))
-    assert storage.exists(tmp_path / "one" / "d.json")
+    assert probes.exists(tmp_path / "one" / "d.json")
     assert not list(tmp_path.rglob("*.part"))
 
 
@@ -190,7 +191,7 @@ def test_localize_downloads_only_what_changed(bucket: str, tmp_path: Path) -> No
     assert gets == []  # nothing changed: nothing downloaded
     assert read_tree(local) == TREE
 
-    storage.write_text(f"{uri}/with space/na\u00efve caf\u00e9.txt", "longer than before")
+    probes.write_text(f"{uri}/with space/na\u00efve caf\u00e9.txt", "longer than before")
     storage.localize(uri, tmp_path / "cache", client=client)
     assert [key for kind, key in gets if kind == "done"] == ["data/with space/na\u00efve caf\u00e9.txt"]
     assert (local / "with space" / "na\u00efve caf\u00e9.txt").read_text() == "longer than before"
@@ -205,7 +206,7 @@ def test_interrupted_upload_never_looks_complete(bucket: str, tmp_path: Path) ->
     """A re-upload that fails part-way leaves no marker, not even the old one."""
     uri = f"s3://{bucket}/ds"
     storage.upload_dir(write_tree(tmp_path / "v1", TREE), uri, marker="dataset.json")
-    assert storage.exists(f"{uri}/dataset.json")
+    assert probes.exists(f"{uri}/dataset.json")
 
     client = storage.s3_client()
 
@@ -220,11 +221,11 @@ def test_interrupted_upload_never_looks_complete(bucket: str, tmp_path: Path) ->
     client.meta.events.register("before-call.s3.PutObject", fail_shard)
     with pytest.raises(StorageError, match=f"{uri}/shard-000000.tar.*InternalError"):
         storage.upload_dir(write_tree(tmp_path / "v2", TREE), uri, marker="dataset.json", client=client)
-    assert not storage.exists(f"{uri}/dataset.json")
+    assert not probes.exists(f"{uri}/dataset.json")
 
     with pytest.raises(FileNotFoundError, match="_SUCCESS"):  # a marker the writer never wrote: no upload
         storage.upload_dir(tmp_path / "v2", f"s3://{bucket}/other", marker="_SUCCESS")
-    assert storage.list_uris(f"s3://{bucket}/other") == []
+    assert probes.list_uris(f"s3://{bucket}/other") == []
 
 
 def test_staged_output_uploads_on_success_only(bucket: str, tmp_path: Path) -> None:
@@ -241,11 +242,11 @@ def test_staged_output_uploads_on_success_only(bucket: str, tmp_path: Path) -> N
         write_tree(out, TREE)
         raise RuntimeError("writer broke")
     assert not out.exists()
-    assert storage.list_uris(failed) == []
+    assert probes.list_uris(failed) == []
 
     with pytest.raises(FileNotFoundError, match=r"dataset\.json"), storage.staged_output(failed) as out:
         (out / "shard-000000.tar").write_bytes(b"x")  # no dataset.json: incomplete
-    assert storage.list_uris(failed) == []
+    assert probes.list_uris(failed) == []
 
     local = tmp_path / "local-out"
     with storage.staged_output(local) as out:
@@ -262,9 +263,9 @@ def test_missing_bucket_is_named(s3_server, tmp_path: Path, caplog) -> None:
     uri = "s3://no-such-bucket-mole/a/f.txt"
     for call in (
         lambda: storage.upload_file(src, uri),
-        lambda: storage.read_text(uri),
+        lambda: probes.read_text(uri),
         lambda: storage.localize("s3://no-such-bucket-mole/a", tmp_path),
-        lambda: storage.exists(uri),
+        lambda: probes.exists(uri),
     ):
         with pytest.raises(StorageNotFoundError, match="s3://no-such-bucket-mole/a") as info:
             call()
@@ -279,13 +280,13 @@ def test_wrong_or_missing_credentials(bucket: str, s3_server, monkeypatch, caplo
     wrong = "wrong-secret-value-4711"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong)
     with pytest.raises(StorageError, match=f"{uri}.*access denied.*SignatureDoesNotMatch") as info:
-        storage.write_text(uri, "x")
+        probes.write_text(uri, "x")
     assert_no_secret(info.value, caplog, wrong, s3_server.secret_key)
 
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     with pytest.raises(StorageError, match=f"{uri}.*no usable S3 credentials") as info:
-        storage.read_text(uri)
+        probes.read_text(uri)
     assert_no_secret(info.value, caplog, wrong, s3_server.secret_key)
 
 
@@ -295,7 +296,7 @@ def test_endpoint_down_fails_fast_and_clearly(s3_server, monkeypatch, tmp_path: 
     client = storage.s3_client(max_attempts=3, connect_timeout=0.5, read_timeout=0.5)
     start = time.monotonic()
     with pytest.raises(StorageError, match=r"s3://mole/x\.txt.*unreachable") as info:
-        storage.read_text("s3://mole/x.txt", client=client)
+        probes.read_text("s3://mole/x.txt", client=client)
     assert time.monotonic() - start < 10
     assert_no_secret(info.value, caplog, s3_server.secret_key)
 
@@ -308,7 +309,7 @@ def test_hung_server_times_out_within_bounds(bucket: str, s3_server, caplog) -> 
     try:
         start = time.monotonic()
         with pytest.raises(StorageError, match=f"{uri}.*ReadTimeoutError") as info:
-            storage.read_text(uri, client=client)
+            probes.read_text(uri, client=client)
         elapsed = time.monotonic() - start
     finally:
         s3_server.resume()

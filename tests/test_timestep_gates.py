@@ -13,17 +13,8 @@ from tests.conftest import unet_inputs
 from typer.testing import CliRunner
 
 from mole.cli import app
-from mole.inject import (
-    apply_mole,
-    apply_mole_from_gates,
-    gate_state_dict,
-    load_gates,
-    mole_layers,
-    read_gate_settings,
-    record_gates,
-    remove_mole,
-    save_gates,
-)
+from mole.gates_io import gate_state_dict, load_gates, read_gate_settings, save_gates
+from mole.inject import apply_mole, apply_mole_from_gates, mole_layers, record_gates, remove_mole
 from mole.timestep import timestep_embedding
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,9 +74,9 @@ def test_zero_time_projection_gives_exactly_the_plain_gates(tiny_model_dir, writ
 
     # The condition is saved with the gates and rebuilt from them; a plain model refuses timestep gates.
     path = save_gates(timed, tmp_path / "gates.safetensors")
-    assert read_gate_settings(path)["condition"] == "timestep"
+    assert read_gate_settings(path).condition == "timestep"
     rebuilt = apply_mole_from_gates(_fresh(tiny_model_dir), experts, path)
-    assert rebuilt.mole_config["condition"] == "timestep" and torch.equal(_run(rebuilt, inputs), expected)
+    assert rebuilt.mole_settings.condition == "timestep" and torch.equal(_run(rebuilt, inputs), expected)
     with pytest.raises(ValueError, match="condition"):
         load_gates(apply_mole(_fresh(tiny_model_dir), experts), path)
     with pytest.raises(ValueError, match="gate='none'"):
@@ -165,14 +156,14 @@ def test_three_experts_train_gates_and_generate(tiny_model_dir, three_experts, t
     info = json.loads((tmp_path / "gates" / "result.json").read_text())
     assert info["condition"] == "timestep" and list(info["experts"]) == list(names)
     gates = tmp_path / "gates" / "gates.safetensors"
-    assert read_gate_settings(gates)["experts"] == list(names)
+    assert read_gate_settings(gates).experts == tuple(names)
     # Two steps of AdamW at lr 1e-2 have moved the timestep projections off zero.
     from safetensors.torch import load_file
 
     assert any(v.abs().sum() > 0 for k, v in load_file(str(gates)).items() if ".mole_time." in k)
 
     pipe = load_pipeline(tiny_model_dir, {n: three_experts[n] for n in names}, gates, device="cpu")
-    assert pipe.unet.mole_config["condition"] == "timestep"
+    assert pipe.unet.mole_settings.condition == "timestep"
     out = generate(pipe, ["a close-up photo of feet in red shoes"], steps=3, guidance=5.0, record=True)
     assert len(out.images) == 1 and out.gate_trace.experts == list(names)
     assert len(out.gate_trace.global_) == 3 and all(len(step) == 3 for step in out.gate_trace.global_)

@@ -12,7 +12,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mole.cli import app
-from mole.inject import apply_mole, save_gates
+from mole.gates_io import save_gates
+from mole.inject import apply_mole
 
 runner = CliRunner()
 

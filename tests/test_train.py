@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from mole.cli import app
 from mole.train import ConfigError, load_config, train_stage
-from mole.train.config import parse_overrides
+from mole.train.config import parse_overrides, stage_config
 from mole.train.model import min_snr_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,16 +148,54 @@ def test_gates_cli_writes_gates_that_rebuild_the_mixture(stage1_model, experts, 
 
     from mole.inject import apply_mole_from_gates, mole_layers
 
+    stage1_folder = stage1_model.parent  # what stage 1's --output was: accepted as --base, its model/ found
+    assert stage1_model.name == "model" and not (stage1_folder / "model_index.json").exists()
     result = _invoke(
-        "train", "gates", "--config", TINY, "--data", datasets["scenes"], "--output", tmp_path, "--base", stage1_model,
-        "--experts", f"face={experts['face']}", "--experts", f"hand={experts['hand']}", "--gate", "global",
-        "--max-steps", 2,
+        "train", "gates", "--config", TINY, "--data", datasets["scenes"], "--output", tmp_path,
+        "--base", stage1_folder, "--experts", f"face={experts['face']}", "--experts", f"hand={experts['hand']}",
+        "--gate", "global", "--max-steps", 2,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     unet = UNet2DConditionModel.from_pretrained(stage1_model, subfolder="unet")
     apply_mole_from_gates(unet, {k: str(v) for k, v in experts.items()}, tmp_path / "gates.safetensors")
     layers = mole_layers(unet)
     assert len(layers) == 48 and all(m.gate == "global" and m.mole_local is None for m in layers.values())
+
+
+def test_stage_output_folders_stand_for_what_the_stage_wrote(stage1_model, experts, tmp_path, caplog) -> None:
+    """`--base OUT_OF_STAGE1`, `--model OUT_OF_STAGE1` and `--gates OUT_OF_GATES`: the product is found and named."""
+    import logging
+
+    from mole.gates_io import save_gates
+    from mole.outputs import gates_file, model_folder
+
+    stage1_folder = stage1_model.parent
+    with caplog.at_level(logging.INFO, logger="mole.outputs"):
+        assert model_folder(stage1_folder) == stage1_model
+        assert model_folder(stage1_model) == stage1_model  # the product itself passes through, silently
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{stage1_folder} is a stage-1 output folder: using its model {stage1_model}"
+    ]
+    gates_out = tmp_path / "gates"
+    gates_out.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"nor a folder holding gates\.safetensors"):
+        gates_file(gates_out)
+    with pytest.raises(FileNotFoundError, match=r"no model_index\.json in it nor in"):
+        model_folder(gates_out)
+    from diffusers import UNet2DConditionModel
+
+    from mole.inject import apply_mole
+
+    unet = UNet2DConditionModel.from_pretrained(stage1_model, subfolder="unet")
+    apply_mole(unet, {k: str(v) for k, v in experts.items()}, gate="global")
+    save_gates(unet, gates_out / "gates.safetensors")
+    assert gates_file(gates_out) == gates_out / "gates.safetensors"
+    out = tmp_path / "img.png"
+    result = _invoke("generate", "--model", stage1_folder, "--prompt", "a face", "--output", out, "--steps", 1,
+                     "--experts", f"face={experts['face']}", "--experts", f"hand={experts['hand']}",
+                     "--gates", gates_out, "--device", "cpu")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert out.is_file()
 
 
 # --- what each stage trains, and that it learns ----------------------------------------------------------
@@ -181,8 +219,10 @@ def _stage_setup(stage: str, tiny_model_dir, stage1_model, experts):
 def test_each_stage_learns_and_keeps_frozen_weights_bit_identical(
     stage, tiny_model_dir, stage1_model, experts, datasets, tmp_path
 ) -> None:
+    from tests.train_helpers import fixed_batch_loss
+
     from mole.train.data import ImageCaptionDataset, collate
-    from mole.train.loop import fixed_batch_loss, run_training
+    from mole.train.loop import run_training
 
     _, section, spec = _stage_setup(stage, tiny_model_dir, stage1_model, experts)
     data = datasets["faces" if stage == "expert" else "scenes"]
@@ -285,6 +325,9 @@ def test_bad_inputs_fail_clearly_before_training(tiny_model_dir, stage1_model, d
     assert r.exit_code == 2 and "stage1.optimiser: unknown key" in r.output
     r = _invoke("train", "expert", "--name", "elbow", "--config", TINY)  # feet has a section now
     assert r.exit_code == 2 and "no experts.elbow section" in r.output
+    assert "--set experts.elbow.rank=R` creates it" in " ".join(r.output.split())
+    # ... and it does: the named section, at that rank.
+    assert stage_config(load_config(TINY, parse_overrides(["experts.elbow.rank=4"])), "expert", "elbow").rank == 4
     assert not (tmp_path / "o1" / "checkpoints").exists() and not (tmp_path / "o2" / "checkpoints").exists()
 
 
@@ -305,3 +348,20 @@ def test_expert_from_another_architecture_is_refused(stage1_model, experts, data
         "--experts", f"face={experts['face']}", "--experts", f"hand={experts['hand']}",
     )  # fmt: skip
     assert r.exit_code == 2 and "does not fit" in r.output
+
+
+def test_stage_guards_are_errors_that_hold_under_python_O(stage1_model, experts, monkeypatch) -> None:
+    """The gates stage trains only gates, and each stage gets its own section: raised, never asserted."""
+    from mole.train import stages
+
+    cfg = load_config(TINY)
+    with pytest.raises(stages.StageError, match="needs its own config section"):
+        stages.build_stage("gates", cfg.stage1, cfg.model, stage1_model)
+    with pytest.raises(stages.StageError, match="needs an expert name"):
+        stages.build_stage("expert", cfg.experts["face"], cfg.model, stage1_model)
+    monkeypatch.setattr(stages, "_trainable", lambda model: ["unet.conv_in.weight"])
+    with pytest.raises(stages.StageError, match="would train non-gate parameters"):
+        paths = {k: str(p) for k, p in experts.items()}
+        stages.build_stage("gates", cfg.gates, cfg.model, stage1_model, experts=paths)
+    code = "import sys, mole.train.stages as s; sys.exit(0 if 'assert ' not in open(s.__file__).read() else 1)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

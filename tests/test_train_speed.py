@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.train_helpers import fixed_batch_loss
 
 from mole.train.config import ModelConfig, OptimizerConfig, Stage1Config
-from mole.train.loop import apply_speed_settings, build_optimizer, fixed_batch_loss
+from mole.train.loop import apply_speed_settings, build_optimizer
 from mole.train.stages import build_stage1
 
 

@@ -15,8 +15,9 @@ __all__ = ["__version__", "apply_mole", "load_gates", "save_gates"]
 
 def __getattr__(name: str) -> Any:
     # Lazy so that `import mole.data` or `mole --help` do not pay for importing torch and diffusers.
-    if name in {"apply_mole", "load_gates", "save_gates"}:
-        from mole import inject
+    homes = {"apply_mole": "mole.inject", "load_gates": "mole.gates_io", "save_gates": "mole.gates_io"}
+    if name in homes:
+        import importlib
 
-        return getattr(inject, name)
+        return getattr(importlib.import_module(homes[name]), name)
     raise AttributeError(f"module 'mole' has no attribute {name!r}")

@@ -47,9 +47,10 @@ def load_pipeline(
     """Load a diffusers folder and, optionally, put experts (and gates) on its UNet.
 
     Args:
-        model: A diffusers Stable Diffusion folder (``model_index.json`` inside).
+        model: A diffusers Stable Diffusion folder (``model_index.json`` inside), or stage 1's output folder.
         experts: ``{name: lora_path}``. Without ``gates`` they are applied at fixed scales.
-        gates: A gates file from stage 3: full MoLE, gate mode and expert order taken from it.
+        gates: A gates file from stage 3 (or that stage's output folder): full MoLE, gate mode and expert order
+            taken from it.
         expert_scales: Fixed scale per expert when no gates are given (default 1.0).
         device: ``cuda``/``cpu``; default CUDA when available.
         dtype: Default float16 on CUDA, float32 on CPU.
@@ -58,9 +59,11 @@ def load_pipeline(
     """
     from diffusers import StableDiffusionPipeline
 
-    model = Path(model)
-    if not (model / "model_index.json").is_file():
-        raise FileNotFoundError(f"{model} is not a diffusers model folder (no model_index.json)")
+    from mole.outputs import gates_file, model_folder
+
+    model = model_folder(model)  # or stage 1's output folder
+    if gates is not None:
+        gates = gates_file(gates)  # or the gates stage's output folder
     if gates is not None and not experts:
         raise ValueError("gates need the experts they were trained with (--experts NAME=PATH ...)")
     if expert_scales and gates is not None:

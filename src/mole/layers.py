@@ -50,10 +50,12 @@ from mole.fused import accumulate, gated_project, pool_tokens, project
 GateMode = Literal["local", "global", "both", "none"]
 #: ``none`` disables learned gates: each expert is applied at a fixed weight (the paper's Fig. 1 scales).
 GATE_MODES: tuple[str, ...] = ("local", "global", "both", "none")
+RunMode = Literal["base", "experts", "mole"]
 #: How a layer runs, so that one loaded model can be compared with itself (see :func:`mole.inject.mole_mode`):
-#: ``mole`` with its gates (or fixed weights), ``experts`` every expert at weight 1 with the gates bypassed (the
-#: paper's "+experts" row), ``base`` the wrapped layer alone.
-RUN_MODES: tuple[str, ...] = ("mole", "experts", "base")
+#: ``base`` the wrapped layer alone, ``experts`` every expert at weight 1 with the gates bypassed (the paper's
+#: "+experts" row), ``mole`` with its gates (or fixed weights). Ordered from the poorest to the richest: the
+#: generation service offers a prefix of it and defaults to its last. The one list of mode names.
+RUN_MODES: tuple[RunMode, ...] = ("base", "experts", "mole")
 
 #: Prefix of every trainable parameter a MoLE layer adds.
 MOLE_PREFIX = "mole_"
@@ -76,16 +78,6 @@ class ExpertWeights:
     @property
     def rank(self) -> int:
         return int(self.down.shape[0])
-
-
-def token_pool(x: torch.Tensor) -> torch.Tensor:
-    """Pool(X) of eq. 6: mean over every token axis of a feature-last tensor.
-
-    ``[B, d] -> [B, d]`` (one token per sample), ``[B, n, d] -> [B, d]``, ``[B, H, W, d] -> [B, d]``.
-    """
-    if x.dim() <= 2:
-        return x
-    return x.flatten(1, -2).mean(dim=1)
 
 
 class TimeSource(Protocol):

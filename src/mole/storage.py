@@ -7,7 +7,8 @@ source of boto3's default chain), never from configs or arguments, so a secret c
 
 Guarantees callers rely on:
 
-* Local writes are atomic (``<name>.part``, then rename): a crash never leaves a truncated file under the real name.
+* Local writes are atomic (:mod:`mole.atomic`: a hidden temporary, then rename): a crash never leaves a truncated
+  file under the real name.
 * :func:`upload_dir` uploads a folder's completion marker (``dataset.json``, ``_SUCCESS``) last, and deletes an
   older remote marker first, so a partial upload never looks complete to a reader that checks the marker.
 * Transient faults (timeouts, refused connections, 5xx, throttling) are retried with exponential backoff by
@@ -33,6 +34,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mole import atomic
 from mole.security import redact
 
 if TYPE_CHECKING:
@@ -276,12 +278,8 @@ def _s3_key(uri: str) -> tuple[str, str]:
 
 def _atomic_copy(src: Path, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    try:
+    with atomic.replaced(dest) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------------- files
@@ -336,44 +334,9 @@ def download_file(
         return dest
     bucket, key = _s3_key(uri)
     client = client or s3_client()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    try:
-        with _translate("download of", uri, client):
-            client.download_file(
-                bucket, key, str(tmp), Config=transfer_config(multipart_threshold, multipart_chunksize)
-            )
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic.replaced(dest) as tmp, _translate("download of", uri, client):
+        client.download_file(bucket, key, str(tmp), Config=transfer_config(multipart_threshold, multipart_chunksize))
     return dest
-
-
-def exists(uri: str | os.PathLike[str], *, client: BaseClient | None = None) -> bool:
-    """Whether ``uri`` is an object, or a prefix with objects under it (an S3 "folder"), or a local path.
-
-    Raises:
-        StorageNotFoundError: The bucket does not exist (a typo should not read as "not there yet").
-    """
-    if not is_s3(uri):
-        return Path(uri).exists()
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    uri = str(uri)
-    bucket, key = split_s3(uri)
-    client = client or s3_client()
-    if key:
-        try:
-            client.head_object(Bucket=bucket, Key=key)
-            return True
-        except ClientError as err:
-            if str(err.response.get("Error", {}).get("Code")) not in _NOT_FOUND_CODES:
-                raise _storage_error("lookup of", uri, err, client) from err
-        except BotoCoreError as err:
-            raise _storage_error("lookup of", uri, err, client) from err
-    with _translate("lookup of", uri, client):
-        page = client.list_objects_v2(Bucket=bucket, Prefix=f"{key}/" if key else "", MaxKeys=1)
-    return bool(page.get("KeyCount") or page.get("Contents"))
 
 
 def _list_objects(uri: str, client: BaseClient) -> Iterator[dict[str, Any]]:
@@ -383,65 +346,6 @@ def _list_objects(uri: str, client: BaseClient) -> Iterator[dict[str, Any]]:
     with _translate("listing of", uri, client):
         for page in paginator.paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else ""):
             yield from page.get("Contents", [])
-
-
-def list_uris(prefix_uri: str | os.PathLike[str], *, client: BaseClient | None = None) -> list[str]:
-    """Every object (file) under the folder ``prefix_uri``, recursively, as sorted URIs (paths locally).
-
-    A missing local folder or an empty prefix gives ``[]``; a missing bucket raises.
-
-    Raises:
-        StorageNotFoundError: The bucket does not exist. StorageError: Listing failed after retries.
-    """
-    if not is_s3(prefix_uri):
-        root = Path(prefix_uri)
-        return sorted(str(p) for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
-    uri = str(prefix_uri)
-    bucket, _ = split_s3(uri)
-    client = client or s3_client()
-    return sorted(f"s3://{bucket}/{obj['Key']}" for obj in _list_objects(uri, client) if not obj["Key"].endswith("/"))
-
-
-def read_text(uri: str | os.PathLike[str], *, encoding: str = "utf-8", client: BaseClient | None = None) -> str:
-    """The contents of a small text file (a dataset index, a manifest), local or on S3.
-
-    Raises:
-        FileNotFoundError: No such file (:class:`StorageNotFoundError` on S3). StorageError: Read failed.
-    """
-    if not is_s3(uri):
-        return Path(uri).read_text(encoding=encoding)
-    uri = str(uri)
-    bucket, key = _s3_key(uri)
-    client = client or s3_client()
-    with _translate("read of", uri, client):
-        body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
-    return body.decode(encoding)
-
-
-def write_text(
-    uri: str | os.PathLike[str], text: str, *, encoding: str = "utf-8", client: BaseClient | None = None
-) -> None:
-    """Write a small text file, atomically: a local ``.part`` renamed into place, or a single S3 PUT.
-
-    Raises:
-        StorageError: The write failed after retries.
-    """
-    data = text.encode(encoding)
-    if not is_s3(uri):
-        dest = Path(uri)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + ".part")
-        try:
-            tmp.write_bytes(data)
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return
-    uri = str(uri)
-    bucket, key = _s3_key(uri)
-    client = client or s3_client()
-    with _translate("write of", uri, client):
-        client.put_object(Bucket=bucket, Key=key, Body=data)
 
 
 # ----------------------------------------------------------------------------------------------------- folders
@@ -538,7 +442,7 @@ def download_dir(
     """Mirror the folder ``uri`` into ``local_dir``; files already there with the object's size are skipped.
 
     The size check makes an interrupted download resumable and a second call cheap; files land atomically
-    (``.part`` then rename), so a size match means a complete earlier download. Local files absent remotely are
+    (a temporary then rename), so a size match means a complete earlier download. Local files absent remotely are
     kept. A local ``uri`` is copied the same way.
 
     Raises:

@@ -17,16 +17,15 @@ import contextlib
 import json
 import logging
 import os
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mole.pyfunc import mole_pyfunc, pyfunc_environment
-from mole.security import check_name, holds_env_secret, is_secret_key
-from mole.security import redact as redact_text
+from mole.security import check_name, holds_env_secret, is_secret_key, redact
+from mole.serve.pyfunc import mole_pyfunc, pyfunc_environment
 from mole.storage import StorageError
+from mole.uris import ModelURI, model_version, parse_model_uri
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ def _client():
     return _mlflow().MlflowClient()
 
 
-def redact(params: Mapping[str, Any]) -> dict[str, Any]:
+def redact_params(params: Mapping[str, Any]) -> dict[str, Any]:
     """Flatten nested params to dotted keys; blank any whose key looks like a credential and any value that holds
     a credential found in the environment; mask credentials inside URIs (:func:`mole.security.redact`), so
     ``--output s3://user:pass@bucket/x`` is stored as ``s3://***@bucket/x``. Secrets never reach MLflow."""
@@ -83,7 +82,7 @@ def redact(params: Mapping[str, Any]) -> dict[str, Any]:
             return
         text = json.dumps(value, default=str) if isinstance(value, list | tuple) else str(value)
         # A value holding an environment secret is blanked whole; URI credentials are masked in place.
-        text = "***" if is_secret_key(prefix) or holds_env_secret(text) else redact_text(text)
+        text = "***" if is_secret_key(prefix) or holds_env_secret(text) else redact(text)
         flat[prefix] = text[:6000]
 
     walk("", dict(params))
@@ -115,11 +114,11 @@ class StageRun:
         self.run_id = self.run.info.run_id
         self.stage = stage
         self._mlflow = mlflow
-        logger.info("MLflow run %s (%s) at %s", self.run_id, stage, redact_text(mlflow.get_tracking_uri()))
+        logger.info("MLflow run %s (%s) at %s", self.run_id, stage, redact(mlflow.get_tracking_uri()))
 
     # --- the MetricsLogger interface -------------------------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
-        flat = redact(params)
+        flat = redact_params(params)
         items = list(flat.items())
         for i in range(0, len(items), 100):  # MLflow's batch limit
             self._mlflow.log_params(dict(items[i : i + 100]))
@@ -143,7 +142,7 @@ class StageRun:
             cause = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
             raise ArtifactStoreError(
                 f"could not store {what} of run {self.run_id} ({self.stage}) through the tracking server at "
-                f"{redact_text(self._mlflow.get_tracking_uri())}: its artifact store (S3) may be down or refusing "
+                f"{redact(self._mlflow.get_tracking_uri())}: its artifact store (S3) may be down or refusing "
                 f"uploads; nothing was registered. Cause: {cause}"
             ) from err
 
@@ -178,12 +177,6 @@ class StageRun:
 
     def set_tag(self, key: str, value: str) -> None:
         self._mlflow.set_tag(key, value)
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        self._mlflow.log_text(text, artifact_file)
-
-    def log_dict(self, data: dict, artifact_file: str) -> None:
-        self._mlflow.log_dict(data, artifact_file)
 
     # --- registry --------------------------------------------------------------------------------------
     def register_stage1(self, model_dir: Path) -> ModelRef:
@@ -258,9 +251,9 @@ class ModelRef:
 
 def _gate_condition(gates: Path) -> str:
     """``none`` or ``timestep``: what the registered mixture's gates see besides the features."""
-    from mole.inject import read_gate_settings
+    from mole.gates_io import read_gate_settings
 
-    return str(read_gate_settings(gates).get("condition", "none"))
+    return read_gate_settings(gates).condition
 
 
 def _lora_file(folder: Path) -> Path:
@@ -270,14 +263,24 @@ def _lora_file(folder: Path) -> Path:
     raise FileNotFoundError(f"no LoRA weights file in {folder}")
 
 
+def _model_version_of(ref: ModelURI):  # -> mlflow.entities.model_registry.ModelVersion
+    """The registry's record of a parsed ``models:/`` URI (by version or through its alias)."""
+    client = _client()
+    return (
+        client.get_model_version(ref.name, ref.version)
+        if ref.version
+        else client.get_model_version_by_alias(ref.name, ref.alias)
+    )
+
+
 def resolve_version(uri: str) -> str:
     """``models:/NAME@ALIAS`` as the version it points to now (``models:/NAME/7``); other URIs unchanged. Loading
     the resolved version, not the alias, makes "which model is this" answerable (the service reports it) and
     immune to the alias moving while the artifacts download."""
-    m = re.fullmatch(r"models:/([^/@]+)@(.+)", uri)
-    if not m:
+    ref = parse_model_uri(uri)
+    if ref is None or ref.alias is None:
         return uri
-    return f"models:/{m[1]}/{_client().get_model_version_by_alias(m[1], m[2]).version}"
+    return f"models:/{ref.name}/{_client().get_model_version_by_alias(ref.name, ref.alias).version}"
 
 
 def load_registered_pipeline(uri: str):  # -> diffusers.StableDiffusionPipeline
@@ -295,7 +298,7 @@ def _system_metrics() -> bool:
 
 
 def _requirements() -> list[str]:
-    from mole.pyfunc import requirements
+    from mole.serve.pyfunc import requirements
 
     return requirements()
 
@@ -313,12 +316,11 @@ def result_of(path: str | os.PathLike[str]) -> dict[str, Any]:
 def source_of(uri: str) -> dict[str, Any]:
     """The run and logged model that produced a model: for ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` the
     registry's record, for a local path its stage's ``result.json``."""
-    m = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@(.+))", uri)
-    if not m:
+    ref = parse_model_uri(uri)
+    if ref is None:
         return result_of(uri)
-    client = _client()
-    mv = client.get_model_version(m[1], m[2]) if m[2] else client.get_model_version_by_alias(m[1], m[3])
-    return {"mlflow_run_id": mv.run_id, "model_id": getattr(mv, "model_id", None), "registered": m[1],
+    mv = _model_version_of(ref)
+    return {"mlflow_run_id": mv.run_id, "model_id": getattr(mv, "model_id", None), "registered": ref.name,
             "version": mv.version}  # fmt: skip
 
 
@@ -358,7 +360,7 @@ def start_pipeline_run(job_id: str, job_name: str, params: Mapping[str, Any]) ->
         return found[0].info.run_id
     run = client.create_run(experiment.experiment_id, run_name=job_name or f"pipeline-{job_id}",
                             tags={PIPELINE_TAG: job_id, "mole.stage": "pipeline"})  # fmt: skip
-    flat = list(redact(params).items())
+    flat = list(redact_params(params).items())
     for i in range(0, len(flat), 100):
         from mlflow.entities import Param
 
@@ -380,7 +382,7 @@ def finish_pipeline_run(job_id: str, state: str, error: str | None = None) -> st
     run_id = found[0].info.run_id
     client.set_tag(run_id, "mole.pipeline_state", state)
     if error:
-        client.set_tag(run_id, "mole.pipeline_error", redact_text(error)[:5000])
+        client.set_tag(run_id, "mole.pipeline_error", redact(error)[:5000])
     client.set_terminated(run_id, "FINISHED" if state == "SUCCEEDED" else "FAILED")
     return run_id
 
@@ -448,10 +450,11 @@ def promote(
     if champ is not None:
         ref_name, ref_version, label = name, champ, f"champion (version {champ})"
     elif baseline is not None:
-        m = re.fullmatch(r"models:/([^/@]+)/(\d+)", baseline)
-        if not m:
-            return False, f"baseline must look like models:/NAME/VERSION, got {baseline!r}"
-        ref_name, ref_version, label = m[1], m[2], f"baseline {baseline}"
+        try:
+            ref = model_version(baseline, "baseline")
+        except ValueError as err:
+            return False, str(err)
+        ref_name, ref_version, label = ref.name, ref.version, f"baseline {baseline}"
     if champ == version:
         return False, f"version {version} is already {champion}"
     if ref_name is not None:
@@ -534,13 +537,13 @@ def set_model_metric(name: str, version: str, metric: str, value: float) -> None
 def lineage(model_uri: str) -> list[dict[str, Any]]:
     """Walk from a registered model back to the curated datasets: one entry per stage run."""
     client = _client()
-    m = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@(.+))", model_uri)
-    if not m:
+    ref = parse_model_uri(model_uri)
+    if ref is None:
         raise ValueError(f"expected models:/NAME/VERSION or models:/NAME@ALIAS, got {model_uri!r}")
-    mv = client.get_model_version(m[1], m[2]) if m[2] else client.get_model_version_by_alias(m[1], m[3])
+    mv = _model_version_of(ref)
     chain: list[dict[str, Any]] = []
     seen: set[str] = set()
-    todo = [(mv.run_id, f"{m[1]} version {mv.version}")]
+    todo = [(mv.run_id, f"{ref.name} version {mv.version}")]
     while todo:
         run_id, via = todo.pop(0)
         if not run_id or run_id in seen:

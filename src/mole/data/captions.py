@@ -131,7 +131,7 @@ class CaptionTruncator:
         if tokenizer_path is None:
             import tempfile
 
-            from mole.tiny import write_tokenizer
+            from mole.tokenizer import write_tokenizer
 
             with tempfile.TemporaryDirectory() as tmp:
                 self.tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer(tmp))

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mole import atomic
 from mole.data.crops import Deduplicator, crop_resize, phash, sliding_windows
 from mole.data.curate_state import STATE_FILE, begin, work_state
 from mole.data.ingest import (
@@ -131,7 +132,7 @@ class _Worker:
 
     def __init__(self, kind: Kind, cfg: CurateConfig, root: str, attributes: Table, sources: Table) -> None:
         from mole.data.captions import CaptionTruncator, clean_caption
-        from mole.data.filters import build_filters
+        from mole.data.filtering import build_filters
 
         self.kind, self.cfg, self.root = kind, cfg, Path(root)
         self.attributes, self.sources = attributes, sources
@@ -245,7 +246,7 @@ class _Worker:
     def _process(self, task: tuple[int, str]) -> Generator[list[Any], list[str] | Exception, InputResult]:
         """One input, as a generator: it yields the crops to caption (only when the captioner is wanted), is sent
         the captions (or the captioner's exception), and returns the input's result."""
-        from mole.data.filters import run_filters
+        from mole.data.filtering import run_filters
 
         index, source = task
         path = self.root / source
@@ -423,7 +424,7 @@ def curate(
     if not inputs:
         raise ValueError(f"no images in {root} (looked for {', '.join(sorted({'.jpg', '.png', '.webp'}))}...)")
     attr_table, source_table = read_table(attributes), read_table(sources)
-    from mole.data.filters import build_filters
+    from mole.data.filtering import build_filters
 
     build_filters(cfg.filters if cfg.filters is not None else DEFAULT_FILTERS[kind])  # bad options fail here, once
     state = work_state(kind, root, inputs, cfg.model_dump(), {"attributes": attributes, "sources": sources})
@@ -476,9 +477,8 @@ def _write_chunk(out: Path, chunk: int, kind: Kind, cfg: CurateConfig, results, 
                     writer.write(image, caption, meta, key=key)
             records.append(rec)
             bar.update(1)
-    tmp = folder / "manifest.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, folder / "manifest.jsonl")  # last: marks the chunk complete
+    # Last: marks the chunk complete.
+    atomic.write_text(folder / "manifest.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def _finish(
@@ -489,7 +489,7 @@ def _finish(
     status: Counter[str] = Counter()
     samples = 0
     crop_reasons: Counter[str] = Counter()
-    with (out / "manifest.jsonl.tmp").open("w", encoding="utf-8") as manifest:
+    with atomic.replaced(out / "manifest.jsonl") as tmp, tmp.open("w", encoding="utf-8") as manifest:
         for c in chunk_ids:
             folder = _chunk_dir(out, c)
             for rec in _read_manifest(folder):
@@ -502,7 +502,6 @@ def _finish(
             index = read_index_lenient(folder)
             for shard in index.shards if index else []:
                 shards.append(ShardInfo(f"chunks/{c:06d}/{shard.path}", shard.num_samples, shard.sha256))
-    os.replace(out / "manifest.jsonl.tmp", out / "manifest.jsonl")
     if set(status) - {"kept", "rejected"} or status["kept"] + status["rejected"] != n_inputs:
         raise RuntimeError(f"{out}: the manifest accounts for {dict(status)} of {n_inputs} inputs")
     stats = {
@@ -523,9 +522,7 @@ def _finish(
     )  # fmt: skip
     from dataclasses import asdict
 
-    tmp = out / (INDEX_FILE + ".tmp")
-    tmp.write_text(json.dumps(asdict(index), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, out / INDEX_FILE)  # last: the dataset is complete
+    atomic.write_json(out / INDEX_FILE, asdict(index), ensure_ascii=False)  # last: the dataset is complete
     logger.info("curated %s: %d inputs, %d kept, %d rejected, %d samples", out, n_inputs, status["kept"],
                 status["rejected"], samples)  # fmt: skip
     return stats

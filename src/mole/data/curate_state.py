@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from mole import atomic
 from mole.data.shards import sha256_file
 
 STATE_FILE = "curate_state.json"
@@ -93,6 +93,4 @@ def begin(out: Path, state: dict[str, Any], has_chunks: bool) -> None:
             )
         return
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic.write_json(path, state, indent=1, ensure_ascii=False)

@@ -34,6 +34,8 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from mole import atomic
+
 logger = logging.getLogger(__name__)
 
 FORMAT = "mole-shards/1"
@@ -213,6 +215,7 @@ class ShardWriter:
         self._keys: set[str] = set()
         self._tar: tarfile.TarFile | None = None
         self._tmp: Path | None = None
+        self._final: Path | None = None
         self._in_shard = 0
         self._closed = False
 
@@ -235,11 +238,12 @@ class ShardWriter:
         if self._tar is None:
             return
         self._tar.close()
-        assert self._tmp is not None and self._tmp.name.endswith(".tar.tmp")
-        final = self._tmp.with_suffix("")  # drop ".tmp"
-        os.replace(self._tmp, final)
+        if self._tmp is None or self._final is None:
+            raise RuntimeError("a shard is open without its file names")
+        final = self._final
+        os.replace(self._tmp, final)  # the shard appears under its name only once complete
         self.shards.append(ShardInfo(final.name, self._in_shard, sha256_file(final)))
-        self._tar, self._tmp, self._in_shard = None, None, 0
+        self._tar, self._tmp, self._final, self._in_shard = None, None, None, 0
 
     def write(
         self, image: Image.Image, caption: str, meta: dict[str, Any] | None = None, key: str | None = None
@@ -273,7 +277,8 @@ class ShardWriter:
         sample_meta = {**(meta or {}), "width": rgb.width, "height": rgb.height}
         meta_bytes = json.dumps(sample_meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
         if self._tar is None:
-            self._tmp = self.out / f"shard-{len(self.shards):06d}.tar.tmp"
+            self._final = self.out / f"shard-{len(self.shards):06d}.tar"
+            self._tmp = atomic.temp_path(self._final)
             # PAX only adds extended headers for long or non-ASCII names; short ASCII keys are plain ustar.
             self._tar = tarfile.open(self._tmp, "w", format=tarfile.PAX_FORMAT)  # noqa: SIM115 (closed per shard)
         self._add(f"{key}.{self.image_format}", buf.getvalue())
@@ -306,11 +311,9 @@ class ShardWriter:
             created_by=self.created_by,
             meta=self.meta,
         )
-        tmp = self.out / (INDEX_FILE + ".tmp")
         fields = asdict(index)
         ordered = {"format": fields.pop("format"), **fields}  # the format first, for whoever opens the file
-        tmp.write_text(json.dumps(ordered, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, self.out / INDEX_FILE)
+        atomic.write_json(self.out / INDEX_FILE, ordered, ensure_ascii=False)
         self._closed = True
         self.index = index
         logger.debug("%s: %d samples in %d shard(s)", self.out, index.num_samples, len(index.shards))

@@ -240,9 +240,9 @@ def read_prompts(path: str | os.PathLike[str]) -> list[str]:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8", newline="\n")
-    os.replace(tmp, path)
+    from mole import atomic
+
+    atomic.write_text(path, text)
 
 
 class _Collector:

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mole.uris import is_model_uri, parse_model_uri
+
 logger = logging.getLogger(__name__)
 
 
@@ -44,6 +46,14 @@ class EvalSettings:
     label: str | None = None
     #: Compile the UNet (:mod:`mole.compile`; eager with a warning on CPU or when compiling fails).
     compile_unet: bool = False
+
+    def __post_init__(self) -> None:
+        # The gates stage's output folder stands for its gates file (the model folder is resolved on loading,
+        # so that a stage-1 folder keeps its own name as the report's label).
+        if self.gates:
+            from mole.outputs import gates_file
+
+            self.gates = str(gates_file(self.gates))
 
 
 def prompt_seed(seed: int, repeat: int, prompt: str) -> int:
@@ -78,7 +88,7 @@ def evaluate(settings: EvalSettings, output: str | os.PathLike[str]) -> dict[str
     if not settings.scorers:
         raise ValueError("at least one scorer is needed (--scorers clip,hps_v1,...)")
     scorers = [build_scorer(name, settings.scorer_config.get(name, {})) for name in settings.scorers]
-    if settings.model.startswith("models:/"):
+    if is_model_uri(settings.model):
         from mole.tracking import load_registered_pipeline
 
         pipe = load_registered_pipeline(settings.model)
@@ -127,11 +137,10 @@ def evaluate(settings: EvalSettings, output: str | os.PathLike[str]) -> dict[str
     report = {"label": settings.label or Path(settings.model).name, "settings": asdict(settings),
               "num_prompts": n, "repeats": settings.repeats, "scores": summary}  # fmt: skip
     if settings.gates:
-        from mole.inject import read_gate_settings
+        from mole.gates_io import read_gate_settings
 
         mix = read_gate_settings(settings.gates)
-        report["mixture"] = {"gate": mix["gate"], "condition": mix.get("condition", "none"),
-                             "experts": mix["experts"]}  # fmt: skip
+        report["mixture"] = {"gate": mix.gate, "condition": mix.condition, "experts": list(mix.experts)}
     _write_rows(out / "scores.csv", rows)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out / "report.md").write_text(compare_table([report]) + "\n", encoding="utf-8")
@@ -140,7 +149,6 @@ def evaluate(settings: EvalSettings, output: str | os.PathLike[str]) -> dict[str
 
 def evaluate_tracked(settings: EvalSettings, output: str | os.PathLike[str]) -> dict[str, Any]:
     """Evaluate inside an ``evaluate`` MLflow run; scores also go onto the registered version evaluated."""
-    import re
 
     from mole import tracking
 
@@ -160,9 +168,11 @@ def evaluate_tracked(settings: EvalSettings, output: str | os.PathLike[str]) -> 
             run.log_metrics({name: s["mean"], f"{name}_stderr": s["stderr"]}, step=0)
         for artifact in ("report.md", "report.json", "scores.csv"):
             run.log_artifact(output / artifact, "evaluation")
-        m = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@(.+))", settings.model)
+        ref = parse_model_uri(settings.model)
         version = (
-            (m[1], m[2] or tracking.alias_version(m[1], m[3])) if m else (info.get("registered"), info.get("version"))
+            (ref.name, ref.version or tracking.alias_version(ref.name, ref.alias))
+            if ref
+            else (info.get("registered"), info.get("version"))
         )
         if version[0] and version[1]:
             for name, s in report["scores"].items():
@@ -265,7 +275,7 @@ def compare_gates(
     for i, r in enumerate(reports):
         label = labels[i] if labels else r.get("label", f"run {i}")
         s = r.get("settings", {})
-        if str(s.get("model", "")).startswith("models:/"):
+        if is_model_uri(s.get("model", "")):
             from mole.tracking import load_registered_pipeline
 
             pipe = load_registered_pipeline(s["model"])

@@ -31,7 +31,7 @@ def compile_(
     output: Annotated[Path, typer.Option(help="Compiled pipeline YAML.")] = DEFAULT_PACKAGE,
     expert: ExpertsOpt = None,
 ) -> None:
-    """Compile pipelines/mole_pipeline.py (same as `kfp dsl compile --py pipelines/mole_pipeline.py`)."""
+    """Compile the pipeline (mole.pipeline.dsl; the same as `kfp dsl compile --py pipelines/mole_pipeline.py`)."""
     from mole.pipeline.run import compile_pipeline, parse_experts
 
     try:

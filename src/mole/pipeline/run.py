@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -11,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mole.pairs import split_pair
 from mole.security import check_name
 
 logger = logging.getLogger(__name__)
@@ -22,25 +22,12 @@ EMBEDDED_PARAMS: dict[str, Any] = {
 }  # fmt: skip
 
 
-def repo_root() -> Path:
-    """The checkout holding ``pipelines/`` and ``components/``: ``MOLE_HOME``, the working folder, or the
-    folder this package was installed from in editable mode."""
-    candidates = [Path(os.environ["MOLE_HOME"])] if os.environ.get("MOLE_HOME") else []
-    candidates += [Path.cwd(), Path(__file__).resolve().parents[3]]
-    for root in candidates:
-        if (root / "pipelines" / "mole_pipeline.py").is_file() and (root / "components").is_dir():
-            return root
-    raise FileNotFoundError("pipelines/mole_pipeline.py not found: run from the mole checkout or set MOLE_HOME")
-
-
 def pipeline_module():
-    """Import ``pipelines/mole_pipeline.py`` from the checkout."""
-    path = repo_root() / "pipelines" / "mole_pipeline.py"
-    spec = importlib.util.spec_from_file_location("mole_pipeline_def", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The pipeline definition, :mod:`mole.pipeline.dsl` (imported here, not at the top: it needs kfp, which
+    only the ``pipeline`` extra installs)."""
+    from mole.pipeline import dsl
+
+    return dsl
 
 
 def parse_experts(specs: Sequence[str] | None) -> dict[str, str] | None:
@@ -50,7 +37,10 @@ def parse_experts(specs: Sequence[str] | None) -> dict[str, str] | None:
         return None
     out: dict[str, str] = {}
     for spec in specs:
-        name, _, kind = spec.partition("=")
+        if "=" in spec:
+            name, kind = split_pair(spec, "expert spec", "NAME or NAME=DATA_KIND", need_value=False)
+        else:
+            name, kind = spec.strip(), ""
         if not name:
             raise ValueError(f"expert spec {spec!r} needs a name (NAME or NAME=DATA_KIND)")
         check_name(name, "--expert")
@@ -60,7 +50,7 @@ def parse_experts(specs: Sequence[str] | None) -> dict[str, str] | None:
 
 
 def compile_pipeline(output: str | os.PathLike[str], experts: Mapping[str, str] | None = None) -> Path:
-    """Compile to YAML. The image is ``components.constants.IMAGE`` (``MOLE_IMAGE`` overrides it)."""
+    """Compile to YAML. The image is ``mole.pipeline.components.constants.IMAGE`` (``MOLE_IMAGE`` overrides it)."""
     from kfp import compiler
 
     module = pipeline_module()
@@ -114,9 +104,7 @@ def parse_params(pairs: Sequence[str], declared: Mapping[str, Mapping[str, Any]]
     """
     out: dict[str, Any] = {}
     for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep:
-            raise ValueError(f"parameter {pair!r} is not KEY=VALUE")
+        key, raw = split_pair(pair, "pipeline parameter", "KEY=VALUE", need_value=False, strip_value=False)
         if key not in declared:
             raise ValueError(f"unknown pipeline parameter {key!r}; the pipeline takes: {', '.join(sorted(declared))}")
         kind = declared[key].get("parameterType", "STRING")

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -21,7 +20,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from mole.pairs import parse_pairs
 from mole.security import check_name, redact
+from mole.uris import is_model_uri, model_version, parse_model_uri
 
 logger = logging.getLogger(__name__)
 
@@ -101,12 +102,10 @@ def check_gpus(gpus: int, gpus_per_node: int, stage1_launcher: str = "local", st
 
 
 def _resolve_config(config: str) -> Path:
-    """A config path as given, else relative to ``MOLE_HOME`` (the image's /opt/mole), else to the checkout."""
-    for root in (Path.cwd(), Path(os.environ.get("MOLE_HOME", "/opt/mole")), Path(__file__).resolve().parents[3]):
-        candidate = root / config
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"config {config!r} not found (looked in the working folder, $MOLE_HOME and the checkout)")
+    """A config path as given, else the preset the package ships under that name (see :mod:`mole.presets`)."""
+    from mole.presets import resolve
+
+    return resolve(config)
 
 
 def start(
@@ -243,8 +242,8 @@ def train(
     _tracking(tracking_uri, experiment, parent_run_id)
     if stage == "expert":
         check_name(expert, "expert")  # a pipeline parameter: it becomes the folder below
-    for spec in experts or []:
-        check_name(spec.partition("=")[0], "experts")
+    for name in parse_pairs(experts, "experts"):
+        check_name(name, "experts")
     out = Path(workdir) / (f"expert-{expert}" if stage == "expert" else stage)
     args = mole_train_args(stage, config, data, base_model, out, expert=expert, experts=experts, gate=gate,
                            max_steps=max_steps, condition=condition)  # fmt: skip
@@ -269,7 +268,7 @@ def train(
         train_stage(
             stage, load_config(_resolve_config(config), {}), output=out, data=parse_data(data),
             base=base_model or None, max_steps=max_steps or None, resume="latest", expert_name=expert or None,
-            experts=dict(e.split("=", 1) for e in experts) if experts else None, gate=gate or None,
+            experts=parse_pairs(experts, "experts") or None, gate=gate or None,
             condition=condition or None,
         )  # fmt: skip
     fallback = out / "model" if stage == "stage1" else out
@@ -278,12 +277,29 @@ def train(
     return _model_of(out, fallback)
 
 
+def train_gates(
+    config: str, data: str, base_model: str, workdir: str, *, experts: list[str], gate: str = "", max_steps: int = 0,
+    processes: int = 1, parent_run_id: str = "", tracking_uri: str = "", experiment: str = "", condition: str = "",
+) -> dict[str, str]:  # fmt: skip
+    """The gates stage (see :func:`train`), handing back each result under its own name, whatever tracking does.
+
+    Returns:
+        ``model``: the MoLE version this run registered (``models:/mole/N``), "" with tracking off;
+        ``gates``: the gates file, always (what evaluating base + experts + gates needs without a registry).
+    """
+    model = train("gates", config, data, base_model, workdir, experts=experts, gate=gate, max_steps=max_steps,
+                  processes=processes, parent_run_id=parent_run_id, tracking_uri=tracking_uri,
+                  experiment=experiment, condition=condition)  # fmt: skip
+    gates_file = Path(workdir) / "gates" / "gates.safetensors"
+    return {"model": model if is_model_uri(model) else "", "gates": str(gates_file)}
+
+
 def mole_train_args(
     stage: str, config: str, data: str, base_model: str, out: Path, *, expert: str = "",
     experts: list[str] | None = None, gate: str = "", max_steps: int = 0, condition: str = "",
 ) -> list[str]:  # fmt: skip
     """The ``mole train ...`` arguments of a stage (shared by the in-pod and the multi-node launch)."""
-    args = ["train", stage, "--config", str(_resolve_config(config)), "--data", data, "--output", str(out),
+    args = ["train", stage, "--config", str(_resolve_config(config).resolve()), "--data", data, "--output", str(out),
             "--resume", "latest"]  # fmt: skip
     if base_model:
         args += ["--base", base_model]
@@ -336,6 +352,8 @@ def stage1_distributed(
         node_selector=node_selector or {}, tolerations=tolerations or [], env=env, secret_env=secret_env,
         required_secrets=[mlflow_secret] if mlflow_secret else [],
         pvc=pvc or None, mount_path=mount_path,
+        # The installed package's copy: the job's pods run this same image, whatever their working folder.
+        accelerate_config=str(_resolve_config("configs/accelerate/zero2.yaml").resolve()),
     )  # fmt: skip
     if flavour not in ("trainjob", "pytorchjob"):
         raise ValueError(f"stage-1 launcher must be local, trainjob or pytorchjob, got {flavour!r}")
@@ -372,10 +390,10 @@ def evaluate(
     if prompts.startswith("s3://"):
         folder = localize(prompts.rsplit("/", 1)[0], Path(workdir) / ".cache" / "prompts")
         prompts = str(folder / prompts.rsplit("/", 1)[1])
-    registered = model.startswith("models:/")
+    registered = is_model_uri(model)
     settings = EvalSettings(
         model=model if registered else base_model,
-        experts={} if registered else dict(e.split("=", 1) for e in experts),
+        experts={} if registered else parse_pairs(experts, "experts"),
         gates=None if registered or not gates else gates,
         prompts=prompts, num_prompts=num_prompts, repeats=repeats, seed=seed, steps=steps,
         scorers=[s.strip() for s in scorers.split(",") if s.strip()],
@@ -402,23 +420,22 @@ def promote(
     metric = metric or next(iter(scores))
     if metric not in scores:
         raise ValueError(f"promotion metric {metric!r} was not evaluated (scores: {sorted(scores)})")
-    if not tracking.enabled() or not model.startswith("models:/"):
+    if not tracking.enabled() or not is_model_uri(model):
         why = f"tracking is off: nothing registered to promote ({metric}={scores[metric]['mean']:.4f})"
         logger.info(why)
         return why
     # The version this run's gates step registered, never the shared `candidate` alias: a concurrent run may
     # have moved that since.
-    own = re.fullmatch(r"models:/([^/@]+)/(\d+)", model)
-    if not own:
-        raise ValueError(f"promote needs the registered version (models:/NAME/VERSION) of this run, got {model!r}")
+    own = model_version(model, "promote needs the registered version of this run: model")
     # A baseline that is not a registered version (stage 1 from a local path) cannot hold a score: skip it.
-    reference = baseline if re.fullmatch(r"models:/[^/@]+/\d+", baseline or "") else None
-    moved, why = tracking.promote(metric, name=own[1], baseline=reference, version=own[2])
+    ref = parse_model_uri(baseline)
+    reference = baseline if ref is not None and ref.version else None
+    moved, why = tracking.promote(metric, name=own.name, baseline=reference, version=own.version)
     logger.info(why)
     if moved and serve_deployment:
         from mole.pipeline.rollout import roll_out
 
-        why += "; " + roll_out(serve_deployment, namespace or own_namespace(), own[1], own[2], serve_replicas)
+        why += "; " + roll_out(serve_deployment, namespace or own_namespace(), own.name, own.version, serve_replicas)
     return why
 
 

@@ -2,12 +2,25 @@
 
 * :mod:`mole.serve.schemas`: request/response bodies and their bounds (422 on anything outside them);
 * :mod:`mole.serve.service`: loading, the three modes on one pipeline, the bounded queue, timeouts, metrics;
-* :mod:`mole.serve.app`: the FastAPI routes, the comparison page (``page.html``) and the uvicorn runner.
+* :mod:`mole.serve.app`: the FastAPI routes, the comparison page (``page.html``) and the uvicorn runner;
+* :mod:`mole.serve.pyfunc`: the registered model as MLflow serves it (the pyfunc class, signature, environment).
+
+The names below load on first use (PEP 562), so that :mod:`mole.tracking`, which logs the pyfunc, does not
+import FastAPI and the service with it.
 """
 
 from __future__ import annotations
 
-from mole.serve.app import create_app, make_loader, run_server
-from mole.serve.service import Service, ServiceSettings
+import importlib
+from typing import Any
 
-__all__ = ["Service", "ServiceSettings", "create_app", "make_loader", "run_server"]
+_EXPORTS = {"Service": "service", "ServiceSettings": "service", "create_app": "app", "make_loader": "app",
+            "run_server": "app"}  # fmt: skip
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

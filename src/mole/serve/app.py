@@ -294,16 +294,16 @@ def make_loader(
                 return pipe
 
         return LoadRegistered()
-    path = Path(model)
-    if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"{path} is not a diffusers model folder (no model_index.json)")
+    from mole.outputs import gates_file, model_folder
+
+    path = model_folder(model)  # or stage 1's output folder
     if gates is not None and not experts:
         raise ValueError("--gates needs the experts they were trained with (--experts NAME=PATH ...)")
     for name, p in (experts or {}).items():
         if not Path(p).exists():
             raise FileNotFoundError(f"expert {name!r}: {p} does not exist")
-    if gates is not None and not Path(gates).is_file():
-        raise FileNotFoundError(f"gates file not found: {gates}")
+    if gates is not None:
+        gates = gates_file(gates)  # or the gates stage's output folder
 
     def load_local() -> Any:
         from mole.generate import load_pipeline

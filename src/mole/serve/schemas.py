@@ -7,11 +7,12 @@ own tokenizer.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mole.generate import MAX_GUIDANCE
+from mole.layers import RunMode
 
 #: Side bounds in pixels: below 64 the VAE has almost nothing to decode; above 1024 one SD1.5 image holds a
 #: GPU for tens of seconds and its attention memory grows with the fourth power of the side.
@@ -26,7 +27,7 @@ MAX_PROMPT_CHARS = 2000
 #: The largest seed: JavaScript numbers are exact up to 2**53, and torch seeds take 64 bits.
 MAX_SEED = 2**32 - 1
 
-Mode = Literal["base", "experts", "mole"]
+Mode = RunMode  # the mode names live with the layer (mole.layers.RUN_MODES)
 #: What each mode runs on the one loaded model (the paper's table 2 rows).
 MODE_HELP = {
     "base": "the model with every MoLE contribution off",

@@ -32,13 +32,15 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from mole.layers import RUN_MODES
 from mole.security import redact
 from mole.serve.schemas import MODE_HELP, GenerateRequest
 
 logger = logging.getLogger(__name__)
 
-#: Modes from the poorest to the richest; a request without ``mode`` gets the richest the model has.
-MODES = ("base", "experts", "mole")
+#: Modes from the poorest to the richest (:data:`mole.layers.RUN_MODES`); a request without ``mode`` gets the
+#: richest the model has.
+MODES = RUN_MODES
 
 
 class RequestError(ValueError):

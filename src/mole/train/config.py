@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mole.pairs import split_pair
 from mole.security import InvalidNameError, check_name
 
 StageName = Literal["stage1", "expert", "gates"]
@@ -251,10 +252,11 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     """``["stage1.optimizer.lr=1e-5"]`` → ``{"stage1.optimizer.lr": 1e-05}`` (values parsed as YAML)."""
     out: dict[str, Any] = {}
     for item in items or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override must look like section.key=value, got {item!r}")
-        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            key, raw = split_pair(item, "override", "section.key=value", need_value=False)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        out[key] = yaml.safe_load(raw) if raw else None
     return out
 
 
@@ -298,14 +300,20 @@ def parse_data(values: list[str] | str | None) -> str | dict[str, str] | None:
 
 
 def read_yaml_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A YAML file whose top level is a mapping (an empty file is ``{}``); the one reader of config files.
+    """A YAML file whose top level is a mapping (an empty file is ``{}``); the one reader of config files. A
+    ``configs/...`` name with no such file here is the preset the package ships (:mod:`mole.presets`).
 
     Raises:
         ConfigError: Missing file, not UTF-8 text (a binary file), invalid YAML, or not a mapping.
     """
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
+        from mole.presets import packaged
+
+        try:  # `configs/paper.yaml` from any folder: the preset the package ships
+            p = packaged(str(path))
+        except FileNotFoundError as err:
+            raise ConfigError(f"config file not found: {path} ({err})") from None
     try:
         loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
@@ -352,5 +360,8 @@ def stage_config(config: MoleConfig, stage: StageName, expert: str | None = None
     except InvalidNameError as err:
         raise ConfigError(str(err)) from None
     if expert not in config.experts:
-        raise ConfigError(f"no experts.{expert} section in the config; it has {sorted(config.experts) or 'none'}")
+        raise ConfigError(
+            f"no experts.{expert} section in the config (it has {sorted(config.experts) or 'none'}); "
+            f"`--set experts.{expert}.rank=R` creates it (rank R, the other settings at their defaults)"
+        )
     return config.experts[expert]

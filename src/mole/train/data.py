@@ -71,7 +71,9 @@ def index_samples(path: str | os.PathLike[str]) -> tuple[list[SampleRef], Counte
                     rejected["missing caption"] += 1
                     continue
                 handle = tar.extractfile(members[".txt"])
-                assert handle is not None
+                if handle is None:  # a directory or link named like a caption: not a caption file
+                    rejected["caption not a file"] += 1
+                    continue
                 caption = handle.read().decode("utf-8", errors="replace").strip()
                 if not caption:
                     rejected["empty caption"] += 1

@@ -197,22 +197,6 @@ def stage_loss(stage: Stage, model, batch: dict[str, torch.Tensor], cfg: TrainCo
     return diffusion_loss(pred, target, weights)
 
 
-@torch.no_grad()
-def fixed_batch_loss(stage: Stage, batch: dict[str, torch.Tensor], cfg: TrainConfig, seed: int = 1234) -> float:
-    """Loss on a batch with noise and timesteps fixed by ``seed``: comparable before and after training."""
-    was_training = stage.model.training
-    stage.model.eval()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        inputs = {
-            "latents": encode_latents(stage.vae, batch["pixel_values"]),
-            "input_ids": batch["input_ids"],
-        }
-        loss = stage_loss(stage, stage.model, inputs, cfg).item()
-    stage.model.train(was_training)
-    return loss
-
-
 def _validate(stage: Stage, accelerator, model, cfg: TrainConfig, output: Path, step: int, log: MetricsLogger):
     if not cfg.validation_prompts or not accelerator.is_main_process:
         return

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -20,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mole.inject import apply_mole, write_gates
+from mole.gates_io import write_gates
+from mole.inject import apply_mole
 from mole.layers import MOLE_PREFIX
 from mole.train.config import ExpertConfig, GatesConfig, ModelConfig, Stage1Config, TrainConfig
 from mole.train.model import DiffusionModel
@@ -61,13 +61,13 @@ class Stage:
 
 
 def _check_base(base: str | os.PathLike[str]) -> Path:
-    path = Path(base)
-    if not (path / "model_index.json").is_file():
-        raise StageError(
-            f"base model {path} is not a diffusers folder (no model_index.json); give --base a model written "
-            "by `mole tiny init`, by stage 1, or by diffusers' save_pretrained"
-        )
-    return path
+    """The base model's diffusers folder: ``base`` itself or the ``model/`` of a stage-1 output folder."""
+    from mole.outputs import model_folder
+
+    try:
+        return model_folder(base)
+    except FileNotFoundError as err:
+        raise StageError(f"base model: {err}") from None
 
 
 def _load_components(base: Path, model_cfg: ModelConfig):
@@ -198,7 +198,7 @@ def build_expert(cfg: ExpertConfig, model_cfg: ModelConfig, base: str | os.PathL
 def build_gates(
     cfg: GatesConfig, model_cfg: ModelConfig, base: str | os.PathLike[str], experts: Mapping[str, str]
 ) -> Stage:
-    from mole.inject import ExpertError
+    from mole.experts import ExpertError
 
     base_path = _check_base(base)
     if not experts:
@@ -214,15 +214,16 @@ def build_gates(
     model = DiffusionModel(unet, text_encoder, scheduler, prediction, False, cfg.noise_offset)
     trainable = _trainable(model)
     not_gates = [n for n in trainable if not any(p.startswith(MOLE_PREFIX) for p in n.split("."))]
-    assert not not_gates, f"gates stage would train non-gate parameters: {not_gates[:3]}"
-    mole_config = dict(unet.mole_config)
+    if not_gates:  # a guard, not an assert: it must hold under `python -O` too
+        raise StageError(f"the gates stage would train non-gate parameters: {not_gates[:3]}")
+    settings = unet.mole_settings
 
     def save(state: dict[str, torch.Tensor], output: Path) -> Path:
         gates = {k: v for k, v in _strip(state, "unet.").items() if f".{MOLE_PREFIX}" in k}
-        return write_gates(gates, mole_config, output / "gates.safetensors")
+        return write_gates(gates, settings, output / "gates.safetensors")
 
     info = {"gate": cfg.gate, "condition": cfg.condition, "experts": dict(experts),
-            "mole_layers": len(mole_config["target_modules"])}  # fmt: skip
+            "mole_layers": len(settings.target_modules)}  # fmt: skip
     return Stage("gates", model, vae, tokenizer, base_path, trainable, save, info)
 
 
@@ -242,22 +243,23 @@ def build_stage(
     experts: Mapping[str, str] | None = None,
 ) -> Stage:
     """Dispatch to the stage builders (the CLI's single entry)."""
-    if stage == "stage1":
-        assert isinstance(cfg, Stage1Config)
+    wanted = {"stage1": Stage1Config, "expert": ExpertConfig, "gates": GatesConfig}.get(stage)
+    if wanted is None:
+        raise StageError(f"unknown stage {stage!r}")
+    if not isinstance(cfg, wanted):
+        raise StageError(f"the {stage} stage needs its own config section ({wanted.__name__}), "
+                         f"got {type(cfg).__name__}")  # fmt: skip
+    if isinstance(cfg, Stage1Config):
         return build_stage1(cfg, model_cfg, base)
-    if stage == "expert":
-        assert isinstance(cfg, ExpertConfig) and expert_name
+    if isinstance(cfg, ExpertConfig):
+        if not expert_name:
+            raise StageError("the expert stage needs an expert name (--name)")
         return build_expert(cfg, model_cfg, base, expert_name)
-    if stage == "gates":
-        assert isinstance(cfg, GatesConfig)
-        return build_gates(cfg, model_cfg, base, experts or cfg.experts)
-    raise StageError(f"unknown stage {stage!r}")
+    return build_gates(cfg, model_cfg, base, experts or cfg.experts)
 
 
 def write_result(output: Path, payload: dict[str, Any]) -> Path:
     """``result.json``: what a stage produced, for the next stage and the pipeline."""
-    path = output / "result.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    from mole import atomic
+
+    return atomic.write_json(output / "result.json", payload, default=str)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from mole.evaluate.scorers._common import empty_init, load_state_dict
-from mole.tiny import bytes_to_unicode
+from mole.tokenizer import bytes_to_unicode
 
 logger = logging.getLogger(__name__)
 

@@ -25,6 +25,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+from mole import atomic
 from mole.evaluate.runner import load_report
 
 logger = logging.getLogger(__name__)
@@ -300,9 +301,7 @@ def create_study(
             shutil.copyfile(src, dst)
     shutil.rmtree(out / "images", ignore_errors=True)
     staging.rename(out / "images")
-    tmp = out / (STUDY_FILE + ".tmp")
-    tmp.write_text(json.dumps(study.to_json(), indent=2) + "\n", encoding="utf-8")
-    tmp.replace(out / STUDY_FILE)
+    atomic.write_json(out / STUDY_FILE, study.to_json())
     logger.info(
         "study %s: %d models, %d items, %d pairs, %d questions in %s",
         study.study_id,

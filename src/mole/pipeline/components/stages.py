@@ -1,8 +1,10 @@
 """Data and the three training stages."""
 
+from typing import NamedTuple
+
 from kfp import dsl
 
-from components.constants import IMAGE
+from mole.pipeline.components.constants import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -61,11 +63,15 @@ def expert_op(
 def gates_op(
     config: str, data: str, base_model: str, experts: list, gate: str, gate_condition: str, workdir: str,
     max_steps: int, gpus: int, timeouts: dict, parent_run_id: str, tracking_uri: str, experiment: str,
-) -> str:  # fmt: skip
-    """Returns the registered MoLE model (``models:/mole/N``, aliased ``candidate``), or the gates file."""
+) -> NamedTuple("GatesOutputs", [("model", str), ("gates", str)]):  # fmt: skip
+    """Returns ``model``, the MoLE version this run registered (``models:/mole/N``, aliased ``candidate``; ""
+    with tracking off), and ``gates``, the trained gates file (always)."""
+    from collections import namedtuple
+
     from mole.pipeline import steps
 
     with steps.deadline("gates", timeouts):
-        return steps.train("gates", config, data, base_model, workdir, experts=experts, gate=gate,
-                           max_steps=max_steps, processes=gpus, parent_run_id=parent_run_id,
-                           tracking_uri=tracking_uri, experiment=experiment, condition=gate_condition)  # fmt: skip
+        out = steps.train_gates(config, data, base_model, workdir, experts=experts, gate=gate, max_steps=max_steps,
+                                processes=gpus, parent_run_id=parent_run_id, tracking_uri=tracking_uri,
+                                experiment=experiment, condition=gate_condition)  # fmt: skip
+    return namedtuple("GatesOutputs", list(out))(**out)

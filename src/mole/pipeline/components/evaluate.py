@@ -2,22 +2,22 @@
 
 from kfp import dsl
 
-from components.constants import IMAGE
+from mole.pipeline.components.constants import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def evaluate_op(
-    model: str, base_model: str, experts: list, prompts: str, workdir: str, scorers: str, scorer_config: dict,
-    num_prompts: int, repeats: int, steps: int, timeouts: dict, parent_run_id: str, tracking_uri: str,
-    experiment: str,
+    model: str, gates: str, base_model: str, experts: list, prompts: str, workdir: str, scorers: str,
+    scorer_config: dict, num_prompts: int, repeats: int, steps: int, timeouts: dict, parent_run_id: str,
+    tracking_uri: str, experiment: str,
 ) -> str:  # fmt: skip
-    """Returns the report (mean ± standard error per scorer) as JSON."""
+    """Evaluates the registered version ``model``, or base + experts + ``gates`` when nothing was registered
+    (``model`` empty: tracking off). Returns the report (mean ± standard error per scorer) as JSON."""
     from mole.pipeline import steps as mole_steps
 
     with mole_steps.deadline("evaluate", timeouts):
         return mole_steps.evaluate(
-            # Tracking off: `model` is the gates file and base + experts + gates are evaluated.
-            model, base_model, experts, model, prompts, workdir, scorers=scorers, scorer_config=scorer_config,
+            model, base_model, experts, gates, prompts, workdir, scorers=scorers, scorer_config=scorer_config,
             num_prompts=num_prompts, repeats=repeats, steps=steps, parent_run_id=parent_run_id,
             tracking_uri=tracking_uri, experiment=experiment,
         )  # fmt: skip

@@ -1,9 +1,11 @@
 """The registered ``mole`` model as MLflow rebuilds it: the pyfunc class, its signature and its environment.
 
 Beside :mod:`mole.tracking` the only module that touches mlflow, and only to define the class MLflow pickles
-with every registered version. A version must load where mole is not installed (``mlflow models serve``,
-MLServer, a fresh virtualenv): the ``mole`` package travels with the model as a code path, and the requirements
-are the inference stack pinned to the versions that trained it (never ``mole`` itself, which is not on PyPI).
+with every registered version. It lives with serving because it is a way of serving: MLflow's pyfunc server,
+MLServer and KServe load it the way :mod:`mole.serve.service` loads a version. A version must load where mole is
+not installed (``mlflow models serve``, MLServer, a fresh virtualenv): the ``mole`` package travels with the model
+as a code path, and the requirements are the inference stack pinned to the versions that trained it (never
+``mole`` itself, which is not on PyPI).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def signature() -> Any:
 def pyfunc_environment() -> dict[str, Any]:
     """The ``log_model`` arguments that make a version self-contained: the mole package as a code path, the pinned
     requirements and the signature."""
-    return {"code_paths": [str(Path(__file__).resolve().parent)], "pip_requirements": requirements(),
+    return {"code_paths": [str(Path(__file__).resolve().parents[1])], "pip_requirements": requirements(),
             "signature": signature()}  # fmt: skip
 
 

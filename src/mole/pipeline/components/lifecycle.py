@@ -4,7 +4,7 @@ from typing import NamedTuple
 
 from kfp import dsl
 
-from components.constants import IMAGE
+from mole.pipeline.components.constants import IMAGE
 
 
 class StartOutputs(NamedTuple):
