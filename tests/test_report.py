@@ -23,8 +23,12 @@ def _fake_run(workdir: Path, tiny_model_dir: Path, write_expert) -> None:
     shutil.copytree(tiny_model_dir, workdir / "embedded" / "model")
     shutil.copytree(tiny_model_dir, workdir / "stage1" / "model")
     init_tiny_clip(workdir / "embedded" / "clip", train_steps=0)
-    for kind in ("scenes", "faces", "hands"):
-        write_dataset(workdir / "data" / kind, kind, 2)
+    # As the pipeline lays them out: data steps outside the run, content-keyed; stage 1's params name them.
+    data = {kind: workdir.parent.parent / "data" / f"{kind}-0123abcd" for kind in ("scenes", "faces", "hands")}
+    for kind, folder in data.items():
+        write_dataset(folder, kind, 2)
+    params = {"stage": "stage1", "stage1": {"data": {k: str(v) for k, v in data.items()}}}
+    (workdir / "stage1" / "params.json").write_text(json.dumps(params), encoding="utf-8")
     experts = {}
     for name, seed in (("face", 1), ("hand", 2)):
         (workdir / f"expert-{name}").mkdir()
@@ -99,4 +103,5 @@ def test_demo_recipe_is_valid_and_longer_than_the_smoke_recipe() -> None:
     assert EMBEDDED_PARAMS["config"] == "configs/demo.yaml"
     assert demo.stage1.max_steps * demo.stage1.batch_size >= 50 * tiny.stage1.max_steps * tiny.stage1.batch_size
     assert demo.stage1.cache_latents and not demo.stage1.random_flip  # the cache needs the flip off
+    assert not demo.stage1.train_text_encoder  # trained at this lr it collapsed: every prompt gave one image
     assert set(demo.experts) == set(tiny.experts)

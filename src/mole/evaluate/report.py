@@ -37,6 +37,17 @@ PROMPT_SEED = 30_000
 COLUMNS = ("base", "stage 1", "+ experts", "MoLE")
 
 
+def _datasets_of(params: Path) -> dict[str, Path]:
+    """The local datasets a stage trained on, from its ``params.json`` (the pipeline's data steps write them
+    outside the run folder, under content-keyed names such as ``data/faces-5d7b…``): kind -> folder."""
+    if not params.is_file():
+        return {}
+    recorded = json.loads(params.read_text(encoding="utf-8"))
+    data = (recorded.get(str(recorded.get("stage"))) or {}).get("data")
+    named = data if isinstance(data, dict) else {Path(str(data)).name.split("-")[0]: data} if data else {}
+    return {k: Path(v) for k, v in named.items() if (Path(v) / "dataset.json").is_file()}
+
+
 @dataclass
 class RunFolders:
     """Where a pipeline run left what the report shows (any of them may be missing)."""
@@ -67,9 +78,12 @@ class RunFolders:
                 found.experts[folder.name.removeprefix("expert-")] = lora
         if (w / "gates" / "gates.safetensors").is_file():
             found.gates = w / "gates" / "gates.safetensors"
+        for folder in [w / "stage1", *sorted(w.glob("expert-*")), w / "gates"]:
+            for kind, path in _datasets_of(folder / "params.json").items():
+                found.datasets.setdefault(kind, path)
         for folder in sorted((w / "data").glob("*")):
             if (folder / "dataset.json").is_file():
-                found.datasets[folder.name] = folder
+                found.datasets.setdefault(folder.name, folder)
         for folder in [w / "stage1", *sorted(w.glob("expert-*")), w / "gates"]:
             if (folder / "metrics.jsonl").is_file():
                 found.stages[folder.name] = folder
