@@ -263,6 +263,7 @@ def test_report_agreement_scorers_and_mlflow(two_runs, tmp_path: Path, monkeypat
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("MOLE_TRACKING", "on")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("study")  # never the active experiment an earlier test left in this process
     run_ids = []
     for _ in range(2):
         with mlflow.start_run() as run:

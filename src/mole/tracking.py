@@ -50,7 +50,11 @@ class TrackingConfigError(RuntimeError):
 def _mlflow():
     import mlflow
 
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
+    # The environment is the configuration, every call: a URI set earlier in this process (the local default, or
+    # another server's) must not outlive it, since mlflow's own global would take precedence over the variable.
+    if uri := os.environ.get("MLFLOW_TRACKING_URI"):
+        mlflow.set_tracking_uri(uri)
+    else:
         if os.environ.get("KUBERNETES_SERVICE_HOST"):
             # In a pod, the local default is a sqlite file that vanishes with the pod: runs and registered
             # versions would be lost without a word. Refuse instead.
@@ -464,7 +468,8 @@ def promote(
                            f"{label} {metric}={ref_score:.4f}; {champion} left unchanged")  # fmt: skip
     import time
 
-    client.set_model_version_tag(name, version, PROMOTION_TAG, f"{metric} {time.time():.0f}")
+    # Whole seconds, rounded down: a rounded-up stamp would lie in the future and count as recent in any window.
+    client.set_model_version_tag(name, version, PROMOTION_TAG, f"{metric} {int(time.time())}")
     winner, score = _settle(name, champion, metric, higher_is_better, version)
     if winner != version:
         return False, (f"candidate version {version} {metric}={cand_score:.4f} cleared the bar, but a concurrent "
