@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +18,26 @@ pytest_plugins = ["tests.s3server", "tests.mlflow_server"]
 
 #: The LoRA targets of the experts in these tests: attention, feed-forward and the 1×1 conv projections.
 EXPERT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_globals_do_not_outlive_a_test() -> Iterator[None]:
+    """mlflow keeps the tracking URI and the active experiment in module globals, and the global URI beats
+    MLFLOW_TRACKING_URI: a test that tracked into its own store would otherwise send the next test's direct
+    MlflowClient() calls there after monkeypatch restored the variable."""
+    yield
+    import sys
+
+    if "mlflow" not in sys.modules:
+        return
+    from mlflow.tracking import fluent
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    tracking_utils._tracking_uri = None
+    if hasattr(registry_utils, "_registry_uri"):
+        registry_utils._registry_uri = None
+    fluent._active_experiment_id = None
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
