@@ -218,3 +218,27 @@ def test_s3_down_fails_clearly_and_registers_nothing(s3_server, tiny_model_dir, 
         assert not (tmp_path / "face" / "result.json").exists() or "version" not in json.loads(
             (tmp_path / "face" / "result.json").read_text()
         )
+
+
+def test_pipeline_parent_run_is_found_by_its_job_id(tmp_path, monkeypatch) -> None:
+    """start (twice, as a retried step does), artifacts, finish: all reach the one parent run of the job; a job that
+    never started has none; a job id that would break the tag filter is refused."""
+    import mlflow
+
+    from mole import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "mole-parent")
+    first = tracking.start_pipeline_run("job-1", "demo", {"steps": 3})
+    assert tracking.start_pipeline_run("job-1", "demo", {"steps": 3}) == first
+    assert tracking.start_pipeline_run("job-2", "other", {}) != first
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "index.html").write_text("<p>report</p>", encoding="utf-8")
+    assert tracking.log_pipeline_artifacts("job-1", tmp_path / "report", "report") == first
+    assert tracking.finish_pipeline_run("job-1", "FAILED", "boom") == first
+    run = mlflow.MlflowClient().get_run(first)
+    assert run.info.status == "FAILED" and run.data.tags["mole.pipeline_error"] == "boom"
+    assert [a.path for a in mlflow.MlflowClient().list_artifacts(first, "report")] == ["report/index.html"]
+    assert tracking.finish_pipeline_run("never-started", "SUCCEEDED") is None
+    with pytest.raises(ValueError, match="quote"):
+        tracking.finish_pipeline_run("x' OR tags.a = 'b", "SUCCEEDED")

@@ -353,15 +353,29 @@ def resolve_model(uri: str, dst: Path) -> Path:
 PIPELINE_TAG = "mole.pipeline_job"
 
 
+def _find_pipeline_run(client: Any, experiment_id: str, job_id: str) -> str | None:
+    """The run id of the parent run tagged with ``job_id`` in the experiment, or None."""
+    if "'" in job_id or "\\" in job_id:  # it goes into a filter string between quotes
+        raise ValueError(f"pipeline job id {job_id!r} holds a quote or backslash")
+    found = client.search_runs([experiment_id], f"tags.`{PIPELINE_TAG}` = '{job_id}'", max_results=1)
+    return found[0].info.run_id if found else None
+
+
+def _pipeline_run(job_id: str) -> str | None:
+    """The parent run of pipeline job ``job_id`` in the configured experiment, or None when there is none (the job
+    never got as far as creating it)."""
+    experiment = _mlflow().get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+    return None if experiment is None else _find_pipeline_run(_client(), experiment.experiment_id, job_id)
+
+
 def start_pipeline_run(job_id: str, job_name: str, params: Mapping[str, Any]) -> str:
     """Create (or find, when a step is retried) the parent run of pipeline job ``job_id``; it stays RUNNING until
     :func:`finish_pipeline_run`. Stage runs join it through ``MOLE_PARENT_RUN_ID``. Returns its run id."""
-    mlflow = _mlflow()
-    experiment = mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+    experiment = _mlflow().set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
     client = _client()
-    found = client.search_runs([experiment.experiment_id], f"tags.`{PIPELINE_TAG}` = '{job_id}'", max_results=1)
-    if found:
-        return found[0].info.run_id
+    found = _find_pipeline_run(client, experiment.experiment_id, job_id)
+    if found is not None:
+        return found
     run = client.create_run(experiment.experiment_id, run_name=job_name or f"pipeline-{job_id}",
                             tags={PIPELINE_TAG: job_id, "mole.stage": "pipeline"})  # fmt: skip
     flat = list(redact_params(params).items())
@@ -375,15 +389,10 @@ def start_pipeline_run(job_id: str, job_name: str, params: Mapping[str, Any]) ->
 def finish_pipeline_run(job_id: str, state: str, error: str | None = None) -> str | None:
     """Mark the parent run of ``job_id`` FINISHED (``state`` SUCCEEDED) or FAILED (anything else), with the
     error as a tag. Returns its run id, or None when the job never got as far as creating it."""
-    mlflow = _mlflow()
-    experiment = mlflow.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
-    if experiment is None:
+    run_id = _pipeline_run(job_id)
+    if run_id is None:
         return None
     client = _client()
-    found = client.search_runs([experiment.experiment_id], f"tags.`{PIPELINE_TAG}` = '{job_id}'", max_results=1)
-    if not found:
-        return None
-    run_id = found[0].info.run_id
     client.set_tag(run_id, "mole.pipeline_state", state)
     if error:
         client.set_tag(run_id, "mole.pipeline_error", redact(error)[:5000])
@@ -394,15 +403,10 @@ def finish_pipeline_run(job_id: str, state: str, error: str | None = None) -> st
 def log_pipeline_artifacts(job_id: str, folder: str | os.PathLike[str], artifact_path: str) -> str | None:
     """Store ``folder`` (the run report) as artifacts of the parent run of ``job_id``. Returns its run id, or None
     when that job has no parent run."""
-    mlflow = _mlflow()
-    experiment = mlflow.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
-    if experiment is None:
+    run_id = _pipeline_run(job_id)
+    if run_id is None:
         return None
     client = _client()
-    found = client.search_runs([experiment.experiment_id], f"tags.`{PIPELINE_TAG}` = '{job_id}'", max_results=1)
-    if not found:
-        return None
-    run_id = found[0].info.run_id
     client.log_artifacts(run_id, str(folder), artifact_path)
     return run_id
 
