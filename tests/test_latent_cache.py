@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mole.data.shards import DatasetError
-from mole.train import load_config
+from mole.train import ConfigError, load_config
 from mole.train.config import parse_overrides, stage_config
 from mole.train.data import ImageCaptionDataset, collate
 from mole.train.latent_cache import (
@@ -363,3 +363,21 @@ def test_an_undecodable_image_is_counted_and_the_next_sample_stands_in(
     assert a["index"] == b["index"] == bad + 1 and (a["flip"], a["dropped"]) == (b["flip"], b["dropped"])
     mean, _ = cache.moments(torch.tensor([b["index"]]), torch.tensor([b["flip"]]), "cpu")
     assert mean.abs().sum() > 0  # a real latent, not the bad sample's empty row
+
+
+# --- settings -------------------------------------------------------------------------------------------
+
+
+def test_random_crops_are_refused_and_the_cache_dir_must_be_local(tiny_model_dir, faces, tmp_path) -> None:
+    section, spec = _stage1(tiny_model_dir, ["stage1.cache_latents=true", "stage1.center_crop=false"])
+    with pytest.raises(StageError, match=r"center_crop: true.*random crop.*square"):
+        run_training(spec, section, str(faces), tmp_path, resolution=64)
+    with pytest.raises(ConfigError, match="latent_cache_dir"):
+        load_config(TINY, parse_overrides(["stage1.latent_cache_dir=s3://bucket/cache"]))
+
+
+def test_paper_recipe_caches_latents_with_flips_in_one_shared_folder() -> None:
+    cfg = load_config(REPO / "configs" / "paper.yaml")
+    for section in (cfg.stage1, cfg.gates, *cfg.experts.values()):
+        assert section.cache_latents and section.random_flip and section.center_crop
+        assert section.latent_cache_dir == "../latent-cache"  # beside the outputs: the gates reuse stage 1's

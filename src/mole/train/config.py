@@ -158,6 +158,13 @@ class TrainConfig(_Strict):
     """TF32 tensor cores for the fp32 matmuls and convolutions left (CUDA, Ampere and newer); bf16/fp16 math is
     unaffected."""
 
+    @field_validator("latent_cache_dir")
+    @classmethod
+    def _cache_dir_is_local(cls, value: str | None) -> str | None:
+        if value is not None and ("://" in value or not value.strip()):
+            raise ValueError(f"must be a local (or mounted) folder: the cache is memory-mapped, got {value!r}")
+        return value
+
     @model_validator(mode="after")
     def _weights_name_sources(self) -> TrainConfig:
         if any(w < 0 for w in self.data_weights.values()) or (
