@@ -213,6 +213,13 @@ def test_disk_cache_is_built_once_reused_and_rebuilt_when_its_key_changes(
     with torch.no_grad():
         changed = key_inputs(digest, _perturbed(vae), ds)
     assert changed["vae"]["weights_sha256"] != inputs["vae"]["weights_sha256"]
+    # The same VAE read from another folder (stage 1's output holds the base's VAE) keeps the key: the gates
+    # reuse stage 1's cache.
+    from diffusers import AutoencoderKL
+
+    vae.save_pretrained(tmp_path / "copy")
+    copy = AutoencoderKL.from_pretrained(tmp_path / "copy")
+    assert cache_key(key_inputs(digest, copy, ds)) == cache_key(inputs)
 
 
 def _perturbed(vae):

@@ -53,7 +53,10 @@ def vae_fingerprint(vae: torch.nn.Module) -> dict[str, Any]:
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(data)
-    config = json.loads(json.dumps(dict(vae.config), sort_keys=True, default=str))
+    # Without diffusers' bookkeeping (``_name_or_path``: where it was loaded from; the library version): the
+    # same VAE read from stage 1's output must give the key it had when read from the base model.
+    config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
+    config = json.loads(json.dumps(config, sort_keys=True, default=str))
     return {"config": config, "weights_sha256": digest.hexdigest(), "dtype": str(vae.dtype)}
 
 
