@@ -83,7 +83,7 @@ def _train(stage: str, config: Path | None, overrides: list[str] | None, **kwarg
     "stage1",
     help="Stage 1: fine-tune the UNet (and by default the text encoder) on the human-centric dataset.\n\n"
     "configs/paper.yaml caches the VAE latents of every image and its mirror (the same flips and math as without "
-    "the cache) on disk in OUTPUT/../latent-cache: 64 KiB per image and orientation at 512², ~128 GiB for a million "
+    "the cache) on disk in OUTPUT/../latent-cache: 64 KiB per image and orientation at 512², ~122 GiB for a million "
     "images. Move it with --set stage1.latent_cache_dir=DIR (a folder every process sees), or encode every step "
     "with --set stage1.cache_latents=false.",
 )

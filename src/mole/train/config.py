@@ -119,11 +119,11 @@ class TrainConfig(_Strict):
     training. Needs ``center_crop`` (a random crop cannot be encoded once; curated data are square already).
     In memory unless ``latent_cache_dir`` is set."""
     latent_cache_dir: str | None = None
-    """Keep the cached latents on disk in this folder, memory-mapped (float16 mean and std: 2 × 4 × (res/8)² × 2
-    bytes per sample and orientation, 64 KiB at 512², about 128 GiB for a million images with flips), in a
-    sub-folder named by a key over the data, the VAE, resolution, crop and flips: a second run or a resumption
-    with the same key reuses it. Relative: inside the stage's output folder. Multi-process runs need it on a
-    folder every process sees (one node, or a ReadWriteMany volume). Unset: the cache is held in memory."""
+    """Keep the cached latents on disk in this folder, memory-mapped (float16 mean and std: 2 × 4 × (res/8)² × 2 bytes
+    per sample and orientation, 64 KiB at 512², about 122 GiB (131 GB) for a million images with flips), in a
+    sub-folder named by a key over the data, the VAE, resolution, crop and flips: a second run or a resumption with
+    the same key reuses it. Relative: inside the stage's output folder. Multi-process runs need it on a folder every
+    process sees (one node, or a ReadWriteMany volume). Unset: the cache is held in memory."""
     cache_text: bool = False
     """Encode every caption once (only when the text encoder is frozen)."""
     random_flip: bool = True

@@ -11,13 +11,13 @@ posterior sampling as an uncached run. Random crops cannot be cached (every posi
 curated data are square at the training resolution already, so ``center_crop`` loses nothing.
 
 Held in memory (fp32, on the training device) when ``latent_cache_dir`` is unset; else on disk, memory-mapped:
-``<dir>/<key>/{mean,std}.npy`` of shape ``[N, orientations, 4, res/8, res/8]`` in float16 plus ``usable.npy``
-and ``meta.json``. Per sample and orientation that is 2 × 4 × (res/8)² × 2 bytes: 64 KiB at 512², so a million
-images with flips take about 128 GiB. The key is a sha256 over everything that decides the latents (the data
-digest, the VAE's config and weights, the dtype it encodes in, resolution, crop, orientations, this format's
-version): another run or a resumption with the same key reuses the folder, anything else builds a new one.
-A folder is built as ``<key>.partial`` by every process (rank r encodes samples r, r + w, ...) and renamed
-into place after ``meta.json`` is written, so a crash never leaves a folder that looks complete.
+``<dir>/<key>/{mean,std}.npy`` of shape ``[N, orientations, 4, res/8, res/8]`` in float16 plus ``usable.npy`` and
+``meta.json``. Per sample and orientation that is 2 × 4 × (res/8)² × 2 bytes: 64 KiB at 512², so a million images
+with flips take about 122 GiB (10⁶ × 128 KiB). The key is a sha256 over everything that decides the latents (the
+data digest, the VAE's config and weights, the dtype it encodes in, resolution, crop, orientations, this format's
+version): another run or a resumption with the same key reuses the folder, anything else builds a new one. A folder
+is built as ``<key>.partial`` by every process (rank r encodes samples r, r + w, ...) and renamed into place after
+``meta.json`` is written, so a crash never leaves a folder that looks complete.
 """
 
 from __future__ import annotations
