@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,10 +119,20 @@ def _rows(array: torch.Tensor | np.ndarray, index: torch.Tensor, orient: torch.T
     return rows.to(device=device, dtype=torch.float32)
 
 
+Writer = Callable[[list[int], torch.Tensor, torch.Tensor], None]
+"""``write(rows, mean, std)``: store the moments ``[b, O, C, h, w]`` of samples ``rows``."""
+
+
 @torch.no_grad()
-def _encode_share(vae, dataset: ImageCaptionDataset, indices: list[int], batch_size: int, write, show: bool) -> int:
-    """Encode ``indices`` in every orientation and ``write(rows, mean, std, usable)``; returns how many images
-    could not be decoded (counted in ``dataset.rejected`` and warned about, their rows left unusable)."""
+def _encode_share(
+    vae, dataset: ImageCaptionDataset, indices: list[int], batch_size: int, write: Writer, show: bool
+) -> int:
+    """Encode ``indices`` in every orientation and ``write`` their moments; returns how many images could not be
+    decoded (counted in ``dataset.rejected`` and warned about; their rows stay unusable).
+
+    Raises:
+        StageError: The VAE gives latents of another shape than :func:`latent_shape` expects.
+    """
     from tqdm.auto import tqdm
 
     n_orient = orientations(dataset)
@@ -146,6 +157,9 @@ def _encode_share(vae, dataset: ImageCaptionDataset, indices: list[int], batch_s
         dist = vae.encode(batch.to(vae.device, vae.dtype)).latent_dist
         mean = dist.mean.unflatten(0, (n_orient, len(rows))).transpose(0, 1)  # [b, O, C, h, w]
         std = dist.std.unflatten(0, (n_orient, len(rows))).transpose(0, 1)
+        if tuple(mean.shape[2:]) != latent_shape(vae, dataset.resolution):
+            raise StageError(f"the VAE gives latents of shape {tuple(mean.shape[2:])} at {dataset.resolution}², "
+                             f"the latent cache expects {latent_shape(vae, dataset.resolution)}")  # fmt: skip
         write(rows, mean, std)
     return bad
 
