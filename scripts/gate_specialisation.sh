@@ -10,7 +10,7 @@
 # and --max-steps (the config itself is unchanged):
 #   stage 1 on a mix of scenes and every close-up kind (the paper's stage 1 data holds the close-ups too), long
 #   enough for the base to learn the kinds; experts longer; gates on a mix of the experts' close-ups. Latents
-#   are cached (cache_latents needs random_flip off), which makes a tiny step ~0.1 s.
+#   are cached, without random flips as when the published figures were measured, which makes a tiny step ~0.1 s.
 # Through the environment:
 #   CFG                           the recipe (default configs/tiny.yaml; configs/demo.yaml: the demo's batch sizes
 #                                 and learning rates, what the README's figures were measured with)

@@ -23,7 +23,7 @@ def _free_port() -> int:
 
 
 def _launch(
-    config: str, out: Path, data: Path, base: Path, steps: int = 3, precision: str = "no"
+    config: str, out: Path, data: Path, base: Path, steps: int = 3, precision: str = "no", extra: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess:
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     assert accelerate, "accelerate CLI missing from the venv"
@@ -40,6 +40,7 @@ def _launch(
         "--output", str(out), "--base", str(base), "--max-steps", str(steps),
         "--set", "stage1.batch_size=2", "--set", "stage1.checkpoint_every=2", "--set", "stage1.validation_prompts=[]",
         "--set", f"stage1.mixed_precision='{precision}'",  # quoted: YAML reads a bare no as false
+        *extra,
     ]  # fmt: skip
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
@@ -72,3 +73,30 @@ def test_deepspeed_two_processes_train_save_and_load(config, zero, precision, sc
     image = pipe("two people in a park", num_inference_steps=2, output_type="np").images[0]
     assert image.shape == (64, 64, 3)
     assert (out / "checkpoints" / "step-00000002").is_dir()
+
+
+@pytest.mark.slow
+def test_two_processes_build_one_disk_latent_cache_with_flips_and_reuse_it(scenes, tiny_model_dir, tmp_path):
+    """Each process encodes its share (rank::2) into the one memmap rank 0 created, between real gloo barriers;
+    the resumed run reuses it."""
+    import numpy as np
+
+    out = tmp_path / "run"
+    cache = ("--set", "stage1.cache_latents=true", "--set", "stage1.random_flip=true",
+             "--set", "stage1.latent_cache_dir=latent-cache")  # fmt: skip
+    proc = _launch("zero2.yaml", out, scenes, tiny_model_dir, steps=2, extra=cache)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    (folder,) = (out / "latent-cache").iterdir()
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["shape"] == [8, 2, 4, 8, 8] and meta["usable"] == 8 and meta["dtype"] == "float16"
+    mean = np.load(folder / "mean.npy", mmap_mode="r")
+    assert mean.dtype == np.float16 and all(np.abs(mean[i]).sum() > 0 for i in range(8))  # both shares written
+    assert json.loads((out / "result.json").read_text())["processes"] == 2
+    built = {name: (folder / name).stat() for name in ("mean.npy", "std.npy", "meta.json")}
+    proc = _launch("zero2.yaml", out, scenes, tiny_model_dir, steps=3, extra=(*cache, "--resume", "latest"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    for name, stat in built.items():  # reused as it was: not rebuilt, not rewritten
+        now = (folder / name).stat()
+        assert (now.st_ino, now.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns), name
+    assert [p.name for p in (out / "latent-cache").iterdir()] == [folder.name]
+    assert json.loads((out / "result.json").read_text())["steps"] == 3

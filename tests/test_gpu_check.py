@@ -58,7 +58,7 @@ def test_gpu_check_smoke_records_every_check(tmp_path: Path) -> None:
         "stage1_mole",
         "expert",
         "gates",
-        "stage1_mole_cached_latents",
+        "stage1_mole_uncached",
     }
     assert all(r["samples_per_second"] > 0 for r in runs.values())
     assert data["training"]["speed_vs_plain"] > 0

@@ -104,8 +104,9 @@ def test_deepspeed_bf16_on_cpu_trains_every_stage_in_bf16(tiny_model_dir, tmp_pa
             sets += ["stage1.channels_last=true", "stage1.optimizer.foreach=true"]
         if name == "gates":  # a configured save dtype is honoured; cached fp32 text states meet bf16 layers
             sets += ["gates.save_dtype=bf16", "gates.cache_text=true"]
-        if name == "face":  # cached latents (fp32) too
-            sets += ["experts.face.cache_latents=true", "experts.face.random_flip=false"]
+        if name == "face":  # latents cached on disk (fp16, both orientations: random flips kept) meet bf16 layers
+            sets += ["experts.face.cache_latents=true", "experts.face.random_flip=true",
+                     "experts.face.latent_cache_dir=latent-cache"]  # fmt: skip
         cmd = [sys.executable, "-m", "mole", "train", *args, *common, "--output", str(out / name)]
         cmd += [item for s in sets for item in ("--set", s)]
         env["MASTER_PORT"] = str(_free_port())
@@ -117,6 +118,10 @@ def test_deepspeed_bf16_on_cpu_trains_every_stage_in_bf16(tiny_model_dir, tmp_pa
         assert result["mixed_precision"] == "bf16" and result["compute_dtype"] == "bfloat16", (stage, result)
         assert result["save_dtype"] == ("bf16" if stage == "gates" else "fp32")
         assert torch.isfinite(torch.tensor(result["final_loss"])), stage
+    (cache,) = (out / "face" / "latent-cache").iterdir()  # relative: inside the stage's output
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["dtype"] == "float16" and meta["shape"][:2] == [4, 2]
+    assert meta["inputs"]["vae"]["dtype"] == "torch.bfloat16"  # the VAE encoded in the training precision
     # Saved in fp32 (the documented default), and they load and run.
     pipe = StableDiffusionPipeline.from_pretrained(out / "stage1" / "model")
     assert pipe.unet.dtype == torch.float32 and pipe.text_encoder.dtype == torch.float32

@@ -79,7 +79,14 @@ def _train(stage: str, config: Path | None, overrides: list[str] | None, **kwarg
         )
 
 
-@train_app.command("stage1")
+@train_app.command(
+    "stage1",
+    help="Stage 1: fine-tune the UNet (and by default the text encoder) on the human-centric dataset.\n\n"
+    "configs/paper.yaml caches the VAE latents of every image and its mirror (the same flips and math as without "
+    "the cache) on disk in OUTPUT/../latent-cache: 64 KiB per image and orientation at 512², ~122 GiB for a million "
+    "images. Move it with --set stage1.latent_cache_dir=DIR (a folder every process sees), or encode every step "
+    "with --set stage1.cache_latents=false.",
+)
 def train_stage1(
     config: ConfigOpt = None,
     data: DataOpt = None,

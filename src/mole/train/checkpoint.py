@@ -135,6 +135,8 @@ RESUMABLE_SETTINGS = (
     "validation_every", "validation_prompts", "validation_steps", "num_workers",
     # speed switches (issue 15): how a step runs, not what it computes
     "gradient_checkpointing", "channels_last", "allow_tf32", "pin_memory", "compile", "foreach", "save_dtype",
+    # where cached latents live (a path, as ``data``; on disk they are fp16-rounded, far below the diffusion noise)
+    "latent_cache_dir",
 )  # fmt: skip
 GUARD_KEY = "resume_guard"
 

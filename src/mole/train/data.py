@@ -98,6 +98,11 @@ class ImageCaptionDataset(Dataset):
 
     The position seeds the sample's own augmentation and caption dropout, which makes them independent of
     worker processes and exactly reproducible on resume.
+
+    ``with_pixels=False`` (training from cached latents) draws the very same flip and caption dropout for a
+    position but never opens or decodes the image: ``__getitem__`` returns the index, the flip decision, the
+    token ids and the dropout only. Random crops need the image's size to draw, so that mode needs
+    ``center_crop``.
     """
 
     def __init__(
@@ -110,6 +115,7 @@ class ImageCaptionDataset(Dataset):
         random_flip: bool = True,
         caption_dropout: float = 0.0,
         seed: int = 0,
+        with_pixels: bool = True,
     ) -> None:
         paths = dict(path) if isinstance(path, Mapping) else {"data": path}
         self.refs, self.rejected = [], Counter()
@@ -127,6 +133,10 @@ class ImageCaptionDataset(Dataset):
         self.caption_dropout = caption_dropout
         self.seed = seed
         self.max_length = min(int(tokenizer.model_max_length), 77)
+        self.with_pixels = with_pixels
+        self.unusable: set[int] = set()
+        """Indices whose image could not be decoded (found while building a latent cache): without pixels the
+        dataset cannot discover them itself, so the next usable sample stands in for them, as with pixels."""
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -142,8 +152,9 @@ class ImageCaptionDataset(Dataset):
         except OSError as err:
             raise DatasetError(f"{ref.shard}: sample {ref.key} has an undecodable image ({err})") from err
 
-    def transform(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
-        """Resize the short side to the resolution, crop square, maybe flip, scale to [-1, 1]. ``[3, H, W]``."""
+    def crop(self, image: Image.Image, rng: np.random.Generator | None = None) -> Image.Image:
+        """Resize the short side to the resolution and crop square: centred, or at a position drawn from ``rng``
+        (the first draws of a sample's generator, before the flip's) when not ``center_crop``."""
         res = self.resolution
         w, h = image.size
         scale = res / min(w, h)
@@ -152,12 +163,28 @@ class ImageCaptionDataset(Dataset):
         if self.center_crop:
             left, top = (w - res) // 2, (h - res) // 2
         else:
+            if rng is None:
+                raise ValueError("a random crop needs the sample's generator")
             left, top = int(rng.integers(0, w - res + 1)), int(rng.integers(0, h - res + 1))
-        image = image.crop((left, top, left + res, top + res))
-        if self.random_flip and rng.random() < 0.5:
+        return image.crop((left, top, left + res, top + res))
+
+    def draw_flip(self, rng: np.random.Generator) -> bool:
+        """The sample's flip decision: one draw of its generator, taken only when ``random_flip`` is on."""
+        return bool(self.random_flip and rng.random() < 0.5)
+
+    @staticmethod
+    def to_tensor(image: Image.Image, flip: bool = False) -> torch.Tensor:
+        """A square RGB image, mirrored left-right if ``flip``, scaled to [-1, 1]: ``[3, H, W]``."""
+        if flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
         return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+    def transform(self, image: Image.Image, rng: np.random.Generator) -> tuple[torch.Tensor, bool]:
+        """Resize, crop square, maybe flip, scale to [-1, 1]: ``([3, H, W], flipped)``."""
+        image = self.crop(image, rng)
+        flip = self.draw_flip(rng)
+        return self.to_tensor(image, flip), flip
 
     def tokenize(self, caption: str) -> torch.Tensor:
         ids = self.tokenizer(
@@ -165,25 +192,46 @@ class ImageCaptionDataset(Dataset):
         ).input_ids
         return ids[0]
 
-    def __getitem__(self, item: tuple[int, int]) -> dict[str, torch.Tensor | int]:
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, torch.Tensor | int | bool]:
         i, position = item
         rng = _sample_rng(self.seed, position)
+        if self.with_pixels:
+            i, image = self._decodable(i)
+            pixels, flip = self.transform(image, rng)
+        else:
+            if not self.center_crop:
+                raise DatasetError("without pixels the dataset cannot draw random crops (they need each image's size)")
+            i = self._usable(i)
+            pixels, flip = None, self.draw_flip(rng)  # the same draw, in the same order, as transform()'s
+        dropped = bool(rng.random() < self.caption_dropout)
+        caption = "" if dropped else self.refs[i].caption
+        out: dict[str, torch.Tensor | int | bool] = {
+            "input_ids": self.tokenize(caption), "index": i, "flip": flip, "dropped": dropped,
+        }  # fmt: skip
+        if pixels is not None:
+            out["pixel_values"] = pixels
+        return out
+
+    def _decodable(self, i: int) -> tuple[int, Image.Image]:
+        """Sample ``i``'s image, or the next decodable sample's (and its index) when it cannot be decoded."""
         for _ in range(len(self.refs)):
             try:
-                image = self.load_image(i)
-                break
+                return i, self.load_image(i)
             except DatasetError as err:
                 # Counted and explained, then the next sample stands in: one bad file must not end a
                 # week-long run. (The counter is per worker process; the warning is what reaches the log.)
                 self.rejected["undecodable image"] += 1
                 logger.warning("%s; using the next sample instead", err)
                 i = (i + 1) % len(self.refs)
-        else:
-            raise DatasetError("no sample in the dataset can be decoded")
-        pixels = self.transform(image, rng)
-        dropped = bool(rng.random() < self.caption_dropout)
-        caption = "" if dropped else self.refs[i].caption
-        return {"pixel_values": pixels, "input_ids": self.tokenize(caption), "index": i, "dropped": dropped}
+        raise DatasetError("no sample in the dataset can be decoded")
+
+    def _usable(self, i: int) -> int:
+        """``i``, or the next index not in :attr:`unusable` (the stand-in the pixel path would have found)."""
+        for _ in range(len(self.refs)):
+            if i not in self.unusable:
+                return i
+            i = (i + 1) % len(self.refs)
+        raise DatasetError("no sample in the dataset can be decoded")
 
 
 class ResumableSampler(Sampler[tuple[int, int]]):
@@ -289,9 +337,13 @@ class MixtureSampler(Sampler[tuple[int, int]]):
 
 
 def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
-    return {
-        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+    """Stack samples into a batch; ``pixel_values`` only when the samples carry pixels."""
+    batch = {
         "input_ids": torch.stack([s["input_ids"] for s in samples]),
         "index": torch.tensor([s["index"] for s in samples]),
+        "flip": torch.tensor([s["flip"] for s in samples]),
         "dropped": torch.tensor([s["dropped"] for s in samples]),
     }
+    if "pixel_values" in samples[0]:
+        batch["pixel_values"] = torch.stack([s["pixel_values"] for s in samples])
+    return batch

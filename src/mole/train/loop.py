@@ -24,6 +24,7 @@ from mole.data.shards import read_index
 from mole.train import checkpoint as ckpt
 from mole.train.config import OptimizerConfig, TrainConfig
 from mole.train.data import ImageCaptionDataset, MixtureSampler, ResumableSampler, collate
+from mole.train.latent_cache import FeatureCache, build_in_memory, key_inputs, open_disk_cache, resolve_cache_dir
 from mole.train.metrics import JsonlLogger, MetricsLogger, NullLogger
 from mole.train.model import diffusion_loss, min_snr_weights
 from mole.train.stages import Stage, StageError, write_result
@@ -143,46 +144,6 @@ def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
     """VAE latents scaled for the UNet: ``[B, 3, H, W] -> [B, 4, H/8, W/8]``."""
     dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
     return dist.sample() * vae.config.scaling_factor
-
-
-class FeatureCache:
-    """VAE latent distributions and text states of every sample, computed once (``cache_latents`` /
-    ``cache_text``). Held in memory: meant for the close-up expert sets, not a million-image stage 1."""
-
-    def __init__(self, stage: Stage, dataset: ImageCaptionDataset, latents: bool, text: bool, device) -> None:
-        self.latent_mean = self.latent_std = self.text = self.empty_text = None
-        means, stds, states = [], [], []
-        with torch.no_grad():
-            for i in range(len(dataset)):
-                item = dataset[(i, 0)]
-                if latents:
-                    dist = stage.vae.encode(item["pixel_values"][None].to(device, stage.vae.dtype)).latent_dist
-                    means.append(dist.mean[0])
-                    stds.append(dist.std[0])
-                if text:
-                    ids = dataset.tokenize(dataset.refs[i].caption)[None].to(device)
-                    states.append(stage.model.text_encoder(ids)[0][0])
-            if latents:  # kept in fp32 whatever the VAE ran in: the sampling below draws fp32 noise
-                self.latent_mean, self.latent_std = torch.stack(means).float(), torch.stack(stds).float()
-            if text:
-                self.text = torch.stack(states)
-                self.empty_text = stage.model.text_encoder(dataset.tokenize("")[None].to(device))[0][0]
-        self.scaling = stage.vae.config.scaling_factor
-
-    def inputs(self, batch: dict[str, torch.Tensor], stage: Stage, device) -> dict[str, torch.Tensor]:
-        index = batch["index"].to(device)
-        out: dict[str, torch.Tensor] = {}
-        if self.latent_mean is not None:
-            mean, std = self.latent_mean[index], self.latent_std[index]
-            out["latents"] = (mean + std * torch.randn_like(mean)) * self.scaling
-        else:
-            out["latents"] = encode_latents(stage.vae, batch["pixel_values"])
-        if self.text is not None:
-            dropped = batch["dropped"].to(device)[:, None, None]
-            out["encoder_hidden_states"] = torch.where(dropped, self.empty_text[None], self.text[index])
-        else:
-            out["input_ids"] = batch["input_ids"].to(device)
-        return out
 
 
 def stage_loss(stage: Stage, model, batch: dict[str, torch.Tensor], cfg: TrainConfig) -> torch.Tensor:
@@ -312,14 +273,18 @@ def run_training(
         log.log_params(params)
     if cfg.ema_decay is not None and _zero_stage(accelerator) == 3:
         raise StageError("ema_decay is not supported under ZeRO-3 (the EMA would need the partitioned weights)")
-    if cfg.cache_latents and (cfg.random_flip or not cfg.center_crop):
-        raise StageError("cache_latents needs random_flip: false and center_crop: true (cached latents are fixed)")
+    if cfg.cache_latents and not cfg.center_crop:
+        raise StageError(
+            "cache_latents needs center_crop: true: a random crop is drawn anew at every position, so it cannot be "
+            "encoded once (random flips can: both orientations are cached). Curated data are square at the "
+            "training resolution already, so the centre crop loses nothing"
+        )
     if cfg.cache_text and stage.model.train_text_encoder:
         raise StageError("cache_text needs a frozen text encoder (set train_text_encoder: false)")
 
     dataset = ImageCaptionDataset(
         data, stage.tokenizer, resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
-        caption_dropout=cfg.caption_dropout, seed=cfg.seed,
+        caption_dropout=cfg.caption_dropout, seed=cfg.seed, with_pixels=not cfg.cache_latents,
     )  # fmt: skip
     set_seed(cfg.seed + accelerator.process_index)  # noise and timesteps differ between processes
     apply_speed_settings(stage, cfg, deepspeed=_deepspeed(accelerator))
@@ -342,7 +307,14 @@ def run_training(
     cache = None
     if cfg.cache_latents or cfg.cache_text:
         stage.model.text_encoder.to(accelerator.device)
-        cache = FeatureCache(stage, dataset, cfg.cache_latents, cfg.cache_text, accelerator.device)
+        latents = None
+        if cfg.cache_latents and cfg.latent_cache_dir:
+            root = resolve_cache_dir(cfg.latent_cache_dir, output)
+            inputs = key_inputs(_data_digest(data), stage.vae, dataset)
+            latents = open_disk_cache(root, inputs, stage.vae, dataset, accelerator, cfg.batch_size)
+        elif cfg.cache_latents:
+            latents = build_in_memory(stage.vae, dataset, cfg.batch_size, accelerator.device)
+        cache = FeatureCache(stage, dataset, latents, cfg.cache_text, accelerator.device)
     model, optimizer, lr_scheduler = accelerator.prepare(stage.model, optimizer, lr_scheduler)
     compute_dtype = stage.model.compute_dtype
     how = f"DeepSpeed ZeRO-{_zero_stage(accelerator)}" if _deepspeed(accelerator) else "no DeepSpeed"

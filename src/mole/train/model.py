@@ -106,7 +106,10 @@ class DiffusionModel(nn.Module):
         # fp32 input would meet a bf16 Linear (`mat1 and mat2 must have the same dtype`); under DDP/autocast
         # the weights are fp32 and this is a no-op.
         dtype = self.compute_dtype
-        latents = batch["latents"].float()
+        # Contiguous: randn_like keeps its input's memory layout, so a channels-last VAE output (what the CPU
+        # convolutions return) would lay the same random stream out differently from cached latents' layout;
+        # the noise now depends on the seed only, not on where the latents came from.
+        latents = batch["latents"].float().contiguous()
         noise = torch.randn_like(latents)
         if self.noise_offset:
             noise = noise + self.noise_offset * torch.randn(
