@@ -64,17 +64,18 @@ def test_report_shows_data_every_stage_losses_gates_and_scores(tiny_model_dir: P
     # One row per prompt (a fresh caption of every kind) and seed, one column per model, the same seeds across.
     head = re.search(r"<tr><th>prompt</th><th>seed</th>(.*?)</tr>", text).group(1)
     assert re.findall(r"<th>(.*?)</th>", head) == ["base", "stage 1", "+ experts", "MoLE"]
-    assert len(re.findall(r"<td class='prompt'>", text)) == 4 * 2
-    assert len(list((workdir / "report").glob("*.png"))) == 4 * 4 * 3 * 2 + 2  # every image, losses, gates
+    # Prompts of the kinds the run trained on (scenes, faces, hands: no feet).
+    assert len(re.findall(r"<td class='prompt'>", text)) == 3 * 2 and "feet" not in text.split("<h2>Generated")[1]
+    assert len(list((workdir / "report").glob("*.png"))) == 4 * 3 * 3 * 2 + 2  # every image, losses, gates
     # Loss curves, gates over the steps, scores of both evaluations and the caption retrieval with its chance.
     assert (workdir / "report" / "losses.png").is_file() and (workdir / "report" / "gates.png").is_file()
     assert "MoLE gates over the denoising steps" in text
     assert "clip 9.500 ± 0.400" in text and "<td>stage 1</td>" in text
     retrieval = json.loads((workdir / "report" / "report.json").read_text())["retrieval"]
     assert set(retrieval) == {"base", "stage 1", "+ experts", "MoLE"}
-    # 3 prompts of every kind x 2 seeds: chance 1/12 for the own prompt, 1/4 for the right kind.
-    assert retrieval["MoLE"]["top1_chance"] == pytest.approx(1 / 12) and retrieval["MoLE"]["images"] == 24
-    assert retrieval["MoLE"]["kind_chance"] == 0.25 and "chance 25%" in text and "chance 8%" in text
+    # 3 prompts of each of the 3 trained kinds x 2 seeds: chance 1/9 for the own prompt, 1/3 for the right kind.
+    assert retrieval["MoLE"]["top1_chance"] == pytest.approx(1 / 9) and retrieval["MoLE"]["images"] == 18
+    assert retrieval["MoLE"]["kind_chance"] == pytest.approx(1 / 3) and "chance 33%" in text and "chance 11%" in text
     # Self-contained: every image inline, nothing fetched.
     assert 'src="data:image/png;base64,' in text and 'src="http' not in text
 
@@ -91,6 +92,17 @@ def test_report_leaves_out_what_the_run_did_not_make(tiny_model_dir: Path, tmp_p
     assert re.findall(r"<th>(.*?)</th>", head) == ["base", "stage 1"]
     assert "no evaluation reports found" in text and "no datasets found" in text
     assert "MoLE gates" not in text
+
+
+def test_report_prompts_are_of_the_kinds_the_run_trained_on(tmp_path: Path) -> None:
+    from mole.evaluate.report import ALL_KINDS, RunFolders, trained_kinds
+
+    folders = RunFolders(workdir=tmp_path)
+    assert trained_kinds(folders) == ALL_KINDS  # nothing recognised: every kind
+    folders.datasets = {"scenes-dfc666": tmp_path, "hands-e088": tmp_path, "faces": tmp_path}
+    assert trained_kinds(folders) == ("faces", "hands", "scenes")
+    folders.datasets = {"feet": tmp_path, "my-own-data": tmp_path}
+    assert trained_kinds(folders) == ("feet",)
 
 
 def test_demo_recipe_is_valid_and_longer_than_the_smoke_recipe() -> None:

@@ -93,9 +93,19 @@ class RunFolders:
         return found
 
 
-def report_prompts(
-    kinds: tuple[str, ...] = ("faces", "hands", "feet", "scenes"), per_kind: int = 3
-) -> list[tuple[str, str]]:
+#: The synthetic kinds, in the report's order.
+ALL_KINDS = ("faces", "hands", "feet", "scenes")
+
+
+def trained_kinds(folders: RunFolders) -> tuple[str, ...]:
+    """The synthetic kinds the run trained on (its datasets are named ``KIND`` or ``KIND-<digest>``), in the
+    report's order; all of them when none is recognised. Prompts of a kind the run never saw (feet, when only
+    scenes, faces and hands were trained) would measure nothing but the chance of guessing it."""
+    names = {name.split("-", 1)[0] for name in folders.datasets}
+    return tuple(kind for kind in ALL_KINDS if kind in names) or ALL_KINDS
+
+
+def report_prompts(kinds: tuple[str, ...] = ALL_KINDS, per_kind: int = 3) -> list[tuple[str, str]]:
     """``per_kind`` fresh synthetic captions of every kind, kind by kind: ``[(kind, caption)]``."""
     from mole.data.synthetic import draw_sample
 
@@ -276,8 +286,9 @@ def build_report(
     """Write ``OUTPUT/index.html`` (default ``WORKDIR/report``) for the pipeline run in ``workdir``.
 
     Every model available in the run is generated at the same prompts (``prompts_per_kind`` fresh synthetic
-    captions of every kind) and ``seeds``; the page shows the first prompt of every kind, the caption retrieval
-    uses them all. What the run did not make (no experts, no gates) is left out of the page.
+    captions of every kind the run trained on, :func:`trained_kinds`) and ``seeds``; the page shows the first
+    prompt of every kind, the caption retrieval uses them all. What the run did not make (no experts, no gates)
+    is left out of the page.
 
     Returns:
         The path of ``index.html``.
@@ -287,7 +298,7 @@ def build_report(
     folders = RunFolders.find(workdir)
     out = Path(output) if output is not None else folders.workdir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    prompts = report_prompts(per_kind=prompts_per_kind)
+    prompts = report_prompts(trained_kinds(folders), per_kind=prompts_per_kind)
     shown = {prompts[k * prompts_per_kind] for k in range(len(prompts) // prompts_per_kind)}  # first of every kind
     models: dict[str, Any] = {}
     if folders.base:
