@@ -137,15 +137,15 @@ def test_tiny_vae_latents_carry_the_image(tiny_model_dir: Path) -> None:
 
 def test_tiny_vae_reconstructs_fresh_synthetic_images(tiny_model_dir: Path) -> None:
     """The shipped VAE is trained: on synthetic images it never saw, the reconstruction error is a small share of
-    the images' variance (a random VAE's was above 100 %: every generated image decoded to noise). The shipped
-    weights reach 13 %; the target of 10 % needs a longer run of `mole tiny vae` (README)."""
+    the images' variance (a random VAE's was above 100 %: every generated image decoded to noise), at most the
+    issue's 10 % (the shipped weights reach 5.6 % on their own check images)."""
     from diffusers import AutoencoderKL
 
     from mole.tiny_vae import reconstruction_quality, synthetic_pixels
 
     vae = AutoencoderKL.from_pretrained(tiny_model_dir, subfolder="vae").eval()
     quality = reconstruction_quality(vae, synthetic_pixels(8, seed=7))  # seed 7: not the VAE's training seed
-    assert quality["mse_over_variance"] <= 0.15, quality
+    assert quality["mse_over_variance"] <= 0.10, quality
     assert vae.config.latent_channels == 4 and tiny_model_dir.joinpath("unet").is_dir()
 
 
@@ -157,7 +157,7 @@ def test_shipped_vae_weights_are_what_mole_tiny_vae_writes_by_default() -> None:
     defaults = {"steps": tiny_vae.VAE_TRAIN_STEPS, "batch_size": tiny_vae.VAE_BATCH_SIZE, "lr": tiny_vae.VAE_LR,
                 "images_per_kind": tiny_vae.VAE_IMAGES_PER_KIND, "seed": tiny_vae.VAE_SEED}  # fmt: skip
     assert {k: report[k] for k in defaults} == defaults
-    assert report["heldout"]["mse_over_variance"] <= 0.15
+    assert report["heldout"]["mse_over_variance"] <= 0.10
     assert tiny_vae.SHIPPED_WEIGHTS.stat().st_size < 2_000_000
 
 

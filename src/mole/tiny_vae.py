@@ -40,10 +40,10 @@ VAE_LOGVAR = -20.0
 SHIPPED_WEIGHTS = Path(__file__).parent / "assets" / "tiny_vae.safetensors"
 
 #: Defaults of ``mole tiny vae`` (the shipped weights were made with exactly these).
-VAE_TRAIN_STEPS = 1200
+VAE_TRAIN_STEPS = 4000
 VAE_BATCH_SIZE = 16
 VAE_LR = 2e-3
-VAE_IMAGES_PER_KIND = 256
+VAE_IMAGES_PER_KIND = 1024
 VAE_SEED = 0
 #: Weight of the latents' mean-square penalty.
 _LATENT_PENALTY = 1e-3

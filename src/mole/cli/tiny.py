@@ -34,10 +34,10 @@ def tiny_init(
 @tiny_app.command("vae")
 def tiny_vae(
     output: Annotated[Path, typer.Option(help="Weights file to write (safetensors; its report goes beside, .json).")],
-    steps: Annotated[int | None, typer.Option(help="Optimizer steps. [1200]")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps. [4000]")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per step. [16]")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate (one-cycle schedule). [2e-3]")] = None,
-    images_per_kind: Annotated[int | None, typer.Option(help="Synthetic training images per kind. [256]")] = None,
+    images_per_kind: Annotated[int | None, typer.Option(help="Synthetic training images per kind. [1024]")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the init, batch order and flips.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUTPUT.")] = False,
 ) -> None:
