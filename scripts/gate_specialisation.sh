@@ -15,6 +15,7 @@
 #   CFG                           the recipe (default configs/tiny.yaml; configs/demo.yaml: the demo's batch sizes
 #                                 and learning rates, what the README's figures were measured with)
 #   STAGE1_STEPS, EXPERT_STEPS, GATE_STEPS, COUNT  lengths, and synthetic samples per kind
+#   STAGE1_LR                     stage 1's learning rate (default 3e-4 with tiny.yaml, the config's otherwise)
 #   EXPERTS="face hand feet"      the experts (default "face hand"); feet is the paper's footnote-4 third expert
 #   CONDITIONS="none timestep"    train a gate set per gates.condition, same seed and data (default "none")
 #   CLIP_PROMPTS=4                also score 4 fresh captions a kind x 3 repeats with the tiny CLIP for
@@ -35,6 +36,11 @@ COUNT="${COUNT:-64}"
 EXPERTS="${EXPERTS:-face hand}"
 CONDITIONS="${CONDITIONS:-none}"
 CLIP_PROMPTS="${CLIP_PROMPTS:-0}"
+# Stage 1's learning rate: 3e-4 over tiny.yaml's (its smoke-test lr is too small for 1500 steps); any other CFG
+# keeps its own (demo.yaml: AdamW 2e-3). STAGE1_LR=VALUE sets it, STAGE1_LR= keeps the config's.
+if [ -z "${STAGE1_LR+set}" ]; then
+  case "$CFG" in */tiny.yaml) STAGE1_LR=3e-4 ;; *) STAGE1_LR="" ;; esac
+fi
 export MOLE_TRACKING="${MOLE_TRACKING:-off}"
 
 mkdir -p "$WORK"
@@ -79,7 +85,7 @@ PY
 
 # shellcheck disable=SC2046
 [ -f stage1/model/model_index.json ] || "$MOLE" train stage1 --config "$CFG" --base model --data data/mix-stage1 \
-  --output stage1 --max-steps "$STAGE1_STEPS" $(cached stage1) --set stage1.optimizer.lr=3e-4 \
+  --output stage1 --max-steps "$STAGE1_STEPS" $(cached stage1) ${STAGE1_LR:+--set stage1.optimizer.lr=$STAGE1_LR} \
   --set 'stage1.validation_prompts=[]'
 for name in $EXPERTS; do
   if ! ls "expert-$name"/*.safetensors > /dev/null 2>&1; then
