@@ -307,3 +307,28 @@ def test_config_presets_resolve_from_any_folder(tmp_path: Path, monkeypatch: pyt
         resolve("configs/nope.yaml")
     with pytest.raises(FileNotFoundError):
         resolve("configs/../pyproject.toml")
+
+
+def test_both_evaluations_compile_the_unet_when_asked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`eval_compile` (default off) reaches both evaluation tasks, and the step hands it to the evaluation."""
+    spec, _ = _load(PACKAGE)
+    assert spec["root"]["inputDefinitions"]["parameters"]["eval_compile"]["defaultValue"] is False
+    tasks = _tasks(spec)
+    for name in ("evaluate", "evaluate-stage1"):
+        arg = tasks[name][0]["inputs"]["parameters"]["compile_unet"]
+        assert arg["componentInputParameter"].endswith("eval_compile"), (name, arg)
+
+    from mole.evaluate import runner
+    from mole.pipeline import steps
+
+    seen = {}
+
+    def fake_evaluate(settings, output):
+        seen["settings"] = settings
+        return {"label": settings.label, "num_prompts": 1, "repeats": 1, "scores": {}}
+
+    monkeypatch.setattr(runner, "evaluate_tracked", fake_evaluate)
+    monkeypatch.setenv("MOLE_TRACKING", "off")
+    steps.evaluate("", "BASE", [], "", "prompts.txt", str(tmp_path), scorers="clip", scorer_config={},
+                   num_prompts=1, repeats=1, steps=2, compile_unet=True)  # fmt: skip
+    assert seen["settings"].compile_unet is True

@@ -147,6 +147,7 @@ def build_pipeline(
         num_prompts: int = 3000,
         repeats: int = 3,
         eval_steps: int = 25,
+        eval_compile: bool = False,
         promote_metric: str = "hps_v1",
         image: str = IMAGE,
         namespace: str = "",
@@ -232,7 +233,8 @@ def build_pipeline(
                                      experts=expert_specs, prompts=start.outputs["prompts"], workdir=workdir,
                                      scorers=scorers, scorer_config=start.outputs["scorer_config"],
                                      num_prompts=num_prompts,
-                                     repeats=repeats, steps=eval_steps, timeouts=step_timeouts, **run)  # fmt: skip
+                                     repeats=repeats, steps=eval_steps, compile_unet=eval_compile,
+                                     timeouts=step_timeouts, **run)  # fmt: skip
             # Evaluation generates one image at a time: one GPU, whatever training used.
             _retry(_gpu(evaluation, p, gpus=1), retries).set_caching_options(False).set_display_name("evaluate")
 
@@ -240,7 +242,7 @@ def build_pipeline(
             baseline = evaluate_baseline_op(model=stage1, prompts=start.outputs["prompts"], workdir=workdir,
                                             scorers=scorers, scorer_config=start.outputs["scorer_config"],
                                             num_prompts=num_prompts, repeats=repeats, steps=eval_steps,
-                                            timeouts=step_timeouts, **run)  # fmt: skip
+                                            compile_unet=eval_compile, timeouts=step_timeouts, **run)  # fmt: skip
             _retry(_gpu(baseline, p, gpus=1), retries).set_caching_options(False)
             baseline.set_display_name("evaluate-stage1")
 

@@ -377,8 +377,8 @@ def own_namespace(path: str = "/var/run/secrets/kubernetes.io/serviceaccount/nam
 def evaluate(
     model: str, base_model: str, experts: list[str], gates: str, prompts: str, workdir: str, *, scorers: str,
     scorer_config: Mapping[str, Any] | str | None, num_prompts: int, repeats: int, steps: int, seed: int = 0,
-    parent_run_id: str = "", tracking_uri: str = "", experiment: str = "", label: str = "mole",
-    output: str = "evaluate",
+    compile_unet: bool = False, parent_run_id: str = "", tracking_uri: str = "", experiment: str = "",
+    label: str = "mole", output: str = "evaluate",
 ) -> str:  # fmt: skip
     """Evaluate a model: the registered version when ``model`` is a ``models:/`` URI, else base + experts + gates
     (the base alone with no experts and no gates, as for the stage-1 baseline); scores go onto the registered
@@ -398,7 +398,7 @@ def evaluate(
         prompts=prompts, num_prompts=num_prompts, repeats=repeats, seed=seed, steps=steps,
         scorers=[s.strip() for s in scorers.split(",") if s.strip()],
         scorer_config=_json_dict(scorer_config, "scorer_config"),
-        label=label,
+        label=label, compile_unet=compile_unet,
     )  # fmt: skip
     report = evaluate_tracked(settings, Path(workdir) / output)
     return json.dumps({k: report[k] for k in ("label", "num_prompts", "repeats", "scores")})

@@ -8,25 +8,26 @@ from mole.pipeline.components.constants import IMAGE
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def evaluate_op(
     model: str, gates: str, base_model: str, experts: list, prompts: str, workdir: str, scorers: str,
-    scorer_config: dict, num_prompts: int, repeats: int, steps: int, timeouts: dict, parent_run_id: str,
-    tracking_uri: str, experiment: str,
+    scorer_config: dict, num_prompts: int, repeats: int, steps: int, compile_unet: bool, timeouts: dict,
+    parent_run_id: str, tracking_uri: str, experiment: str,
 ) -> str:  # fmt: skip
     """Evaluates the registered version ``model``, or base + experts + ``gates`` when nothing was registered
-    (``model`` empty: tracking off). Returns the report (mean ± standard error per scorer) as JSON."""
+    (``model`` empty: tracking off). Returns the report (mean ± standard error per scorer) as JSON.
+    ``compile_unet``: ``torch.compile`` + CUDA graphs for the UNet (``mole evaluate run --compile``)."""
     from mole.pipeline import steps as mole_steps
 
     with mole_steps.deadline("evaluate", timeouts):
         return mole_steps.evaluate(
             model, base_model, experts, gates, prompts, workdir, scorers=scorers, scorer_config=scorer_config,
-            num_prompts=num_prompts, repeats=repeats, steps=steps, parent_run_id=parent_run_id,
-            tracking_uri=tracking_uri, experiment=experiment,
+            num_prompts=num_prompts, repeats=repeats, steps=steps, compile_unet=compile_unet,
+            parent_run_id=parent_run_id, tracking_uri=tracking_uri, experiment=experiment,
         )  # fmt: skip
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def evaluate_baseline_op(
     model: str, prompts: str, workdir: str, scorers: str, scorer_config: dict, num_prompts: int, repeats: int,
-    steps: int, timeouts: dict, parent_run_id: str, tracking_uri: str, experiment: str,
+    steps: int, compile_unet: bool, timeouts: dict, parent_run_id: str, tracking_uri: str, experiment: str,
 ) -> str:  # fmt: skip
     """The stage-1 model alone on the same prompts, seeds and settings: the bar a first MoLE must clear."""
     from mole.pipeline import steps as mole_steps
@@ -34,8 +35,9 @@ def evaluate_baseline_op(
     with mole_steps.deadline("evaluate", timeouts):
         return mole_steps.evaluate(
             model, model, [], "", prompts, workdir, scorers=scorers, scorer_config=scorer_config,
-            num_prompts=num_prompts, repeats=repeats, steps=steps, parent_run_id=parent_run_id,
-            tracking_uri=tracking_uri, experiment=experiment, label="stage 1", output="evaluate-stage1",
+            num_prompts=num_prompts, repeats=repeats, steps=steps, compile_unet=compile_unet,
+            parent_run_id=parent_run_id, tracking_uri=tracking_uri, experiment=experiment, label="stage 1",
+            output="evaluate-stage1",
         )  # fmt: skip
 
 
