@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tests.shard_helpers import hand_built
 
 from mole.data.shards import DatasetError
 from mole.train import ConfigError, load_config
@@ -41,11 +42,8 @@ def faces(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def with_bad_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Five good samples and, third, one whose image bytes are no image: a valid shard and index, written by
     hand as another tool following docs/data-format.md would."""
-    import hashlib
     import io
-    import tarfile
 
-    from mole.data.shards import FORMAT, compute_digest
     from mole.data.synthetic import generate
 
     members = []
@@ -55,19 +53,7 @@ def with_bad_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         members += [(f"{k:09d}.png", buf.getvalue()), (f"{k:09d}.txt", caption.encode())]
-    path = tmp_path_factory.mktemp("cache-bad") / "faces"
-    path.mkdir()
-    with tarfile.open(path / "shard-000000.tar", "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    sha = hashlib.sha256((path / "shard-000000.tar").read_bytes()).hexdigest()
-    index = {"format": FORMAT, "name": "bad", "kind": "faces", "num_samples": 6, "created_by": "test",
-             "shards": [{"path": "shard-000000.tar", "num_samples": 6, "sha256": sha}],
-             "digest": compute_digest([sha]), "meta": {}}  # fmt: skip
-    (path / "dataset.json").write_text(json.dumps(index))
-    return path
+    return hand_built(tmp_path_factory.mktemp("cache-bad") / "faces", members, num_samples=6, name="bad")
 
 
 @pytest.fixture(scope="module")

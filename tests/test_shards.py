@@ -13,14 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tests.shard_helpers import hand_built
 
 from mole.data.shards import (
-    FORMAT,
     DatasetError,
     DatasetReader,
     ShardWriter,
     _iter_tar,
-    compute_digest,
     dataset_digest,
     iter_samples,
     load_samples,
@@ -49,17 +48,7 @@ def _png(image: Image.Image) -> bytes:
 
 def _hand_built(path: Path, members: list[tuple[str, bytes]], num_samples: int) -> None:
     """A dataset written without ShardWriter, as another tool following docs/data-format.md would."""
-    path.mkdir()
-    with tarfile.open(path / "shard-000000.tar", "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    sha = hashlib.sha256((path / "shard-000000.tar").read_bytes()).hexdigest()
-    index = {"format": FORMAT, "name": "hand", "kind": "faces", "num_samples": num_samples, "created_by": "test",
-             "shards": [{"path": "shard-000000.tar", "num_samples": num_samples, "sha256": sha}],
-             "digest": compute_digest([sha]), "meta": {}}  # fmt: skip
-    (path / "dataset.json").write_text(json.dumps(index))
+    hand_built(path, members, num_samples)
 
 
 def test_round_trip_keys_captions_meta_and_pixels_across_shards(tmp_path: Path) -> None:
