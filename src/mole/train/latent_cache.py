@@ -47,6 +47,14 @@ META = "meta.json"
 _ARRAYS = ("mean.npy", "std.npy", "usable.npy")
 
 
+@torch.no_grad()
+def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """VAE latents scaled for the UNet, sampled from the posterior: ``[B, 3, H, W] -> [B, 4, H/8, W/8]`` (what
+    a step without the cache trains on)."""
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return dist.sample() * vae.config.scaling_factor
+
+
 def vae_fingerprint(vae: torch.nn.Module) -> dict[str, Any]:
     """The VAE's config, the sha256 of its weights and the dtype it encodes in: what makes its latents."""
     digest = hashlib.sha256()
@@ -312,8 +320,6 @@ class FeatureCache:
                 self.empty_text = stage.model.text_encoder(dataset.tokenize("")[None].to(device))[0][0]
 
     def inputs(self, batch: dict[str, torch.Tensor], stage: Stage, device) -> dict[str, torch.Tensor]:
-        from mole.train.loop import encode_latents
-
         index = batch["index"].to(device)
         out: dict[str, torch.Tensor] = {}
         if self.latents is not None:

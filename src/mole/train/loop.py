@@ -24,7 +24,14 @@ from mole.data.shards import read_index
 from mole.train import checkpoint as ckpt
 from mole.train.config import OptimizerConfig, TrainConfig
 from mole.train.data import ImageCaptionDataset, MixtureSampler, ResumableSampler, collate
-from mole.train.latent_cache import FeatureCache, build_in_memory, key_inputs, open_disk_cache, resolve_cache_dir
+from mole.train.latent_cache import (
+    FeatureCache,
+    build_in_memory,
+    encode_latents,
+    key_inputs,
+    open_disk_cache,
+    resolve_cache_dir,
+)
 from mole.train.metrics import JsonlLogger, MetricsLogger, NullLogger
 from mole.train.model import diffusion_loss, min_snr_weights
 from mole.train.stages import Stage, StageError, write_result
@@ -137,13 +144,6 @@ def _deepspeed(accelerator) -> bool:
 def _zero_stage(accelerator) -> int:
     plugin = accelerator.state.deepspeed_plugin
     return int(plugin.zero_stage) if plugin is not None else 0
-
-
-@torch.no_grad()
-def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
-    """VAE latents scaled for the UNet: ``[B, 3, H, W] -> [B, 4, H/8, W/8]``."""
-    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    return dist.sample() * vae.config.scaling_factor
 
 
 def stage_loss(stage: Stage, model, batch: dict[str, torch.Tensor], cfg: TrainConfig) -> torch.Tensor:
