@@ -277,7 +277,7 @@ def build_report(
     workdir: str | os.PathLike[str],
     output: str | os.PathLike[str] | None = None,
     *,
-    seeds: tuple[int, ...] = (0, 1),
+    seeds: tuple[int, ...] = (0, 1, 2),
     steps: int = 20,
     guidance: float = 7.5,
     data_per_kind: int = 6,
