@@ -97,6 +97,11 @@ def latent_shape(vae: torch.nn.Module, resolution: int) -> tuple[int, int, int]:
     return int(vae.config.latent_channels), resolution // factor, resolution // factor
 
 
+def cache_shape(vae: torch.nn.Module, dataset: ImageCaptionDataset) -> tuple[int, ...]:
+    """``(samples, orientations, channels, side, side)``: the shape of the cached mean (and std)."""
+    return (len(dataset), orientations(dataset), *latent_shape(vae, dataset.resolution))
+
+
 class LatentCache:
     """Posterior mean and std of every sample in every orientation: ``[N, O, C, h, w]`` each.
 
@@ -174,7 +179,7 @@ def _encode_share(
 
 def build_in_memory(vae, dataset: ImageCaptionDataset, batch_size: int, device) -> LatentCache:
     """Every sample on this process, fp32 on ``device`` (what the cache was before it could live on disk)."""
-    shape = (len(dataset), orientations(dataset), *latent_shape(vae, dataset.resolution))
+    shape = cache_shape(vae, dataset)
     mean = torch.zeros(shape, device=device)
     std = torch.zeros(shape, device=device)
 
@@ -235,7 +240,7 @@ def open_disk_cache(
     """
     key = cache_key(inputs)
     final, partial = root / key, root / f"{key}.partial"
-    shape = (len(dataset), orientations(dataset), *latent_shape(vae, dataset.resolution))
+    shape = cache_shape(vae, dataset)
     rank, world = accelerator.process_index, accelerator.num_processes
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)

@@ -262,7 +262,8 @@ def run_training(
     main = accelerator.is_main_process
     # A resumption must continue the same work (same data, same settings) or say it does not: checked before
     # anything is recorded, so params.json and MLflow always hold what runs.
-    guard = ckpt.resume_guard(_data_digest(data), params if params is not None else cfg.model_dump())
+    data_digest = _data_digest(data)  # also the latent cache's key
+    guard = ckpt.resume_guard(data_digest, params if params is not None else cfg.model_dump())
     resume_from = ckpt.resolve_resume(output, resume)
     changed = ckpt.check_resume(resume_from, guard, allow_changed=resume_changed) if resume_from is not None else []
     if changed:
@@ -310,7 +311,7 @@ def run_training(
         latents = None
         if cfg.cache_latents and cfg.latent_cache_dir:
             root = resolve_cache_dir(cfg.latent_cache_dir, output)
-            inputs = key_inputs(_data_digest(data), stage.vae, dataset)
+            inputs = key_inputs(data_digest, stage.vae, dataset)
             latents = open_disk_cache(root, inputs, stage.vae, dataset, accelerator, cfg.batch_size)
         elif cfg.cache_latents:
             latents = build_in_memory(stage.vae, dataset, cfg.batch_size, accelerator.device)
